@@ -1,0 +1,63 @@
+"""What can go wrong in dispatchd, as the HTTP layer reports it.
+
+    DispatchError              expected: a request the daemon refuses; carries code, status, field
+    ├── InvalidRequest         400  a value is malformed or out of range (``field`` names it)
+    ├── Unauthorized           401  no or wrong API token
+    ├── NotFound               404  no such task, execution or host
+    ├── Conflict               409  the request does not fit the current state (start twice, ...)
+    ├── PayloadTooLarge        413  the body is over the limit
+    └── Unavailable            503  the daemon is shutting down or the database is failing
+
+Anything else that escapes a request handler is a bug: it is logged with its traceback and the
+client gets a 500 ``internal`` error without details.
+"""
+
+from __future__ import annotations
+
+
+class DispatchError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code is not None:
+            self.code = code
+
+    def to_body(self) -> dict[str, dict[str, str]]:
+        error = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+class InvalidRequest(DispatchError):
+    status = 400
+    code = "invalid_request"
+
+
+class Unauthorized(DispatchError):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(DispatchError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(DispatchError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(DispatchError):
+    status = 413
+    code = "payload_too_large"
+
+
+class Unavailable(DispatchError):
+    status = 503
+    code = "unavailable"

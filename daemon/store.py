@@ -1,0 +1,258 @@
+"""The database: peewee models, opening SQLite or PostgreSQL by URL, and the schema.
+
+Everything here is synchronous and runs in a worker thread (``daemon.database.Database`` owns the
+threads and limiters). Times are stored as UTC seconds since the epoch (``*_at`` columns, floats)
+and durations in seconds; the HTTP layer renders them as RFC 3339.
+
+Tables: ``host`` (one row per agent identity), ``host_connection`` (each stream an agent held),
+``task``, ``command`` (the scripts of a task, in order), ``command_host`` (one command on one
+host: the execution record) and ``output_chunk`` (stored output, capped per stream: the head
+from the start, the tail from the end).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from peewee import (
+    BigAutoField,
+    BigIntegerField,
+    BlobField,
+    BooleanField,
+    Database,
+    DatabaseProxy,
+    DoubleField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    SmallIntegerField,
+    TextField,
+)
+from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+database_proxy = DatabaseProxy()
+
+
+class _Model(Model):
+    class Meta:
+        database = database_proxy
+        legacy_table_names = False
+
+
+class SchemaVersion(_Model):
+    version = IntegerField()
+
+
+class Host(_Model):
+    id = TextField(primary_key=True)
+    hostname = TextField(default="")
+    labels = TextField(default="{}")  # JSON object of strings
+    status = TextField(default="offline", index=True)
+    agent_version = TextField(default="")
+    address = TextField(default="")
+    first_seen_at = DoubleField()
+    connected_at = DoubleField(null=True)
+    last_seen_at = DoubleField(null=True)
+
+
+class HostConnection(_Model):
+    id = BigAutoField()
+    host_id = TextField(index=True)
+    connected_at = DoubleField()
+    disconnected_at = DoubleField(null=True)
+    address = TextField(default="")
+    agent_version = TextField(default="")
+    close_reason = TextField(null=True)
+
+
+class Task(_Model):
+    id = BigAutoField()
+    name = TextField()
+    status = TextField(index=True)
+    created_at = DoubleField(index=True)
+    queued_at = DoubleField(null=True)
+    started_at = DoubleField(null=True)
+    finished_at = DoubleField(null=True)
+    targets = TextField()  # JSON: what was asked for ({"hosts": [...], "labels": {...}})
+    max_concurrency = IntegerField(null=True)
+    max_failures = IntegerField(null=True)
+    delivery_timeout_s = DoubleField(default=0.0)
+    continue_on_error = BooleanField(default=False)
+    retry_of = BigIntegerField(null=True)
+    idempotency_key = TextField(null=True, unique=True)
+    request_digest = TextField(null=True)
+    cancel_requested = BooleanField(default=False)
+    error = TextField(null=True)
+    change_seq = BigIntegerField(default=0)
+
+
+class Command(_Model):
+    id = BigAutoField()
+    task = ForeignKeyField(Task, on_delete="CASCADE", backref="commands")
+    index = IntegerField()
+    script = TextField()
+    args = TextField(default="[]")  # JSON list of strings
+    env = TextField(default="{}")  # JSON object of strings
+    cwd = TextField(default="")
+    timeout_s = DoubleField()
+
+    class Meta:
+        indexes = ((("task", "index"), True),)
+
+
+class CommandHost(_Model):
+    id = BigAutoField()
+    task = ForeignKeyField(Task, on_delete="CASCADE", backref="executions")
+    command = ForeignKeyField(Command, on_delete="CASCADE")
+    command_index = IntegerField()
+    host_id = TextField()
+    status = TextField()
+    reason = TextField(null=True)
+    error = TextField(null=True)
+    exit_code = IntegerField(null=True)  # NULL until the process really exited
+    signal = IntegerField(null=True)
+    pid = IntegerField(null=True)
+    dispatched_at = DoubleField(null=True)
+    started_at = DoubleField(null=True)
+    finished_at = DoubleField(null=True)
+    duration_s = DoubleField(null=True)
+    stdout_bytes = BigIntegerField(default=0)  # what the process wrote, stored or not
+    stderr_bytes = BigIntegerField(default=0)
+    output_truncated = BooleanField(default=False)
+    last_seq = BigIntegerField(default=0)  # the agent's events up to here are stored
+    change_seq = BigIntegerField(default=0)
+
+    class Meta:
+        indexes = (
+            (("task", "status"), False),
+            (("task", "change_seq"), False),
+            (("host_id", "started_at"), False),
+            (("status", "started_at"), False),
+            (("started_at",), False),
+        )
+
+
+class OutputChunk(_Model):
+    id = BigAutoField()
+    command_host = ForeignKeyField(CommandHost, on_delete="CASCADE")
+    task_id = BigIntegerField()
+    stream = SmallIntegerField()  # 1 stdout, 2 stderr
+    offset = BigIntegerField()  # byte offset within the stream
+    size = IntegerField()
+    data = BlobField()
+    change_seq = BigIntegerField()
+
+    class Meta:
+        indexes = (
+            (("command_host", "stream", "offset"), False),
+            (("task_id", "change_seq"), False),
+        )
+
+
+MODELS: Sequence[type[Model]] = (
+    SchemaVersion,
+    Host,
+    HostConnection,
+    Task,
+    Command,
+    CommandHost,
+    OutputChunk,
+)
+
+
+class DatabaseUrlError(ValueError):
+    pass
+
+
+def open_database(url: str, *, max_connections: int = 8, busy_timeout_ms: int = 5000) -> Database:
+    """A pooled peewee database for ``sqlite:///path`` or ``postgresql://user:pw@host/db``.
+
+    SQLite gets WAL (readers never wait for the writer), ``busy_timeout`` set *before* the WAL
+    switch (a concurrent opener would otherwise fail at once), and foreign keys on.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
+        if not path or path == ":memory:":
+            raise DatabaseUrlError(
+                "sqlite URLs name a file, e.g. sqlite:///./dispatch.db "
+                "(in-memory databases cannot be shared between worker threads)"
+            )
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return PooledSqliteDatabase(
+            path,
+            max_connections=max_connections,
+            stale_timeout=300,
+            check_same_thread=False,
+            pragmas=[
+                ("busy_timeout", busy_timeout_ms),
+                ("journal_mode", "wal"),
+                ("synchronous", "normal"),
+                ("foreign_keys", 1),
+            ],
+        )
+    if parsed.scheme in ("postgres", "postgresql"):
+        if not parsed.path.strip("/"):
+            raise DatabaseUrlError("postgresql URLs name a database, e.g. postgresql://u:p@host/db")
+        return PooledPostgresqlDatabase(
+            parsed.path.lstrip("/"),
+            max_connections=max_connections,
+            stale_timeout=300,
+            user=parsed.username,
+            password=parsed.password,
+            host=parsed.hostname,
+            port=parsed.port,
+        )
+    raise DatabaseUrlError(
+        f"unsupported database URL scheme {parsed.scheme!r}: use sqlite or postgresql"
+    )
+
+
+def bind(db: Database) -> None:
+    database_proxy.initialize(db)
+
+
+def create_schema(db: Database) -> None:
+    """Create missing tables and indexes; refuse a database written by a newer schema."""
+    with db.connection_context():
+        db.create_tables(MODELS, safe=True)
+        with db.atomic():
+            row = SchemaVersion.select().first()
+            if row is None:
+                SchemaVersion.create(version=SCHEMA_VERSION)
+            elif row.version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the database has schema version {row.version}; this dispatchd knows "
+                    f"{SCHEMA_VERSION} at most: upgrade dispatchd"
+                )
+
+
+def is_postgres(db: Database) -> bool:
+    return isinstance(db, PooledPostgresqlDatabase)
+
+
+def execute_many(db: Database, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    """One parameterised statement over many rows (``?`` placeholders), in the caller's transaction.
+
+    peewee's query builder costs more than the database on hot paths; this is the plain DB-API
+    path. psycopg2's ``executemany`` makes a round trip per row, so PostgreSQL gets
+    ``execute_batch``.
+    """
+    rows = list(rows)
+    if not rows:
+        return
+    cursor = db.cursor()
+    if is_postgres(db):
+        from psycopg2.extras import execute_batch
+
+        execute_batch(cursor, sql.replace("?", "%s"), rows, page_size=500)
+    else:
+        cursor.executemany(sql, rows)
