@@ -8,6 +8,7 @@ driver. Calls are not abandoned when the caller is cancelled: a write that has b
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,19 +38,21 @@ class Database:
         self._write_limiter = trio.CapacityLimiter(1)
         self.errors = 0
 
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in a reader thread with a connection open."""
-        return await trio.to_thread.run_sync(self._call, fn, args, limiter=self._read_limiter)
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` in a reader thread with a connection open."""
+        call = functools.partial(self._call, fn, args, kwargs)
+        return await trio.to_thread.run_sync(call, limiter=self._read_limiter)
 
-    async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in the writer thread with a connection open; ``fn`` opens its own
-        transaction (``db.atomic()``)."""
-        return await trio.to_thread.run_sync(self._call, fn, args, limiter=self._write_limiter)
+    async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` in the writer thread with a connection open; ``fn`` opens
+        its own transaction (``db.atomic()``)."""
+        call = functools.partial(self._call, fn, args, kwargs)
+        return await trio.to_thread.run_sync(call, limiter=self._write_limiter)
 
-    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         try:
             with self.db.connection_context():
-                return fn(*args)
+                return fn(*args, **kwargs)
         except peewee.DatabaseError:
             self.errors += 1
             raise

@@ -61,3 +61,8 @@ class PayloadTooLarge(DispatchError):
 class Unavailable(DispatchError):
     status = 503
     code = "unavailable"
+
+
+class StartupError(Exception):
+    """dispatchd cannot start (a port is taken, the database cannot be opened, ...): the
+    message says what to fix; ``__main__`` prints it and exits non-zero."""

@@ -60,6 +60,9 @@ class LiveHub:
     def watched(self, task_id: int) -> bool:
         return task_id in self._by_task
 
+    def watched_tasks(self) -> list[int]:
+        return list(self._by_task)
+
     def publish(self, event: LiveEvent) -> None:
         """Hand ``event`` to every watcher of its task without waiting; a watcher whose buffer is
         full is marked lagged and cut off (it catches up from the database)."""

@@ -127,6 +127,8 @@ class CommandHost(_Model):
     stdout_bytes = BigIntegerField(default=0)  # what the process wrote, stored or not
     stderr_bytes = BigIntegerField(default=0)
     output_truncated = BooleanField(default=False)
+    # sha256 over exit code, stdout and stderr as forwarded: equal digests, equal results
+    output_digest = TextField(null=True)
     last_seq = BigIntegerField(default=0)  # the agent's events up to here are stored
     change_seq = BigIntegerField(default=0)
 
@@ -137,6 +139,7 @@ class CommandHost(_Model):
             (("host_id", "started_at"), False),
             (("status", "started_at"), False),
             (("started_at",), False),
+            (("task", "output_digest"), False),
         )
 
 

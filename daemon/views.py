@@ -132,3 +132,14 @@ def connection_view(row: dict[str, Any]) -> dict[str, Any]:
         "agent_version": row["agent_version"],
         "close_reason": row["close_reason"],
     }
+
+
+def task_event_view(row: dict[str, Any]) -> dict[str, Any]:
+    """A task's state as the live ``task`` event carries it (``row``: the ``task`` columns)."""
+    return {
+        "id": str(row["id"]),
+        "status": row["status"],
+        "started_at": rfc3339(row["started_at"]),
+        "finished_at": rfc3339(row["finished_at"]),
+        "error": row["error"],
+    }

@@ -1,0 +1,55 @@
+"""``dispatchd``: parse settings, set up logging, run the daemon until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from common import grpc_bridge
+from common.logs import configure_logging
+from common.settings import SettingsError
+from daemon import server
+from daemon.config import load_config
+from daemon.errors import StartupError
+
+logger = logging.getLogger("daemon")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(argv, os.environ)
+    except SettingsError as exc:
+        print(f"dispatchd: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, json_lines=config.log_json)
+    if config.insecure:
+        logger.warning("running with --insecure: agents and API callers are not authenticated")
+    try:
+        grpc_bridge.run(server.serve, config)
+    except BaseException as exc:
+        startup = _find(exc, StartupError)
+        if startup is not None:
+            logger.error("%s", startup)
+            return 1
+        if _find(exc, KeyboardInterrupt) is not None:
+            return 0
+        raise
+    return 0
+
+
+def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``exc`` or the first ``kind`` inside it (trio wraps errors in exception groups)."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""dispatchd's lifetimes, nested so the shutdown order reads in the code.
+
+    database
+      writer                      exits last: writes everything queued before it
+        work (scheduler, dispatcher, presence)
+          front doors (agent port, HTTP)   exit first
+
+On SIGTERM/SIGINT (trio owns the signals, here and nowhere else): the front doors close (agent
+streams end and are recorded, HTTP stops), then running work is cancelled without being
+recorded as cancelled (executions stay in flight on the agents and are resumed on restart),
+then the writer flushes. The next start resumes running tasks and collects what the agents'
+journals hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import trio
+
+from daemon import __version__, grpc_bridge, host_records, http_api, store
+from daemon.config import DaemonConfig, split_listen
+from daemon.database import Database
+from daemon.dispatcher import Dispatcher
+from daemon.errors import StartupError
+from daemon.identity import SharedTokenAuthenticator
+from daemon.live import LiveHub
+from daemon.metrics import metrics_renderer
+from daemon.registry import Registry
+from daemon.scheduler import Scheduler
+from daemon.session import SessionManager
+from daemon.tasks import TaskService
+from daemon.writer import open_writer
+
+logger = logging.getLogger(__name__)
+
+_PRESENCE_INTERVAL_S = 30.0
+
+
+@dataclass(frozen=True)
+class Addresses:
+    grpc: tuple[str, int]
+    http: tuple[str, int]
+
+
+async def serve(
+    config: DaemonConfig,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT (or ``shutdown`` is set)."""
+    shutdown = shutdown or trio.Event()
+    database = await _open_database(config)
+    offline = await database.write(host_records.reset_presence, time.time())
+    if offline:
+        logger.info(
+            "%d hosts were online when the daemon last stopped; they reconnect now", offline
+        )
+    live = LiveHub(buffer_events=config.sse_buffer_events)
+    async with open_writer(
+        database, live, max_output_bytes=config.max_output_bytes,
+        queue_items=config.writer_queue_items, batch_events=config.writer_batch_events,
+        batch_age_s=config.writer_batch_age_s, close_timeout_s=config.shutdown_grace_s,
+    ) as writer:  # fmt: skip
+        registry = Registry()
+        dispatcher = Dispatcher(
+            registry=registry, writer=writer, database=database,
+            max_running_executions=config.max_running_executions,
+            agent_grace_s=config.agent_grace_s, kill_grace_s=config.kill_grace_s,
+            report_margin_s=config.report_margin_s, max_output_bytes=config.max_output_bytes,
+        )  # fmt: skip
+        scheduler = Scheduler(dispatcher, database, max_running_tasks=config.max_running_tasks)
+        tasks = TaskService(
+            database=database, writer=writer, scheduler=scheduler, dispatcher=dispatcher,
+            max_targets=config.max_targets_per_task,
+        )  # fmt: skip
+        sessions = SessionManager(
+            registry=registry, writer=writer, database=database,
+            authenticator=SharedTokenAuthenticator(config.resolved_agent_token()),
+            hello_timeout_s=config.hello_timeout_s,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_ttl_s=config.heartbeat_ttl_s, daemon_version=__version__,
+        )  # fmt: skip
+        render_metrics = metrics_renderer({
+            "registry": registry.statistics, "writer": writer.statistics,
+            "dispatcher": dispatcher.statistics, "scheduler": scheduler.statistics,
+            "live": live.statistics, "database": database.statistics,
+        })  # fmt: skip
+        app = http_api.create_app(
+            database=database, tasks=tasks, live=live, api_token=config.resolved_api_token(),
+            limits=http_api.HttpLimits(
+                max_body_bytes=config.http_max_body_bytes,
+                max_targets=config.max_targets_per_task,
+                sse_buffer_events=config.sse_buffer_events,
+            ),
+            metrics_text=render_metrics,
+        )  # fmt: skip
+        async with trio.open_nursery() as work:
+            await work.start(scheduler.serve)
+            await work.start(
+                functools.partial(sessions.serve_presence, interval_s=_PRESENCE_INTERVAL_S)
+            )
+            async with trio.open_nursery() as doors:
+                doors.start_soon(_wait_for_signal, shutdown)
+                grpc_host, grpc_port = split_listen(config.grpc_listen)
+                grpc_address = await _start_door(doors, "agent port", config.grpc_listen,
+                    functools.partial(
+                        grpc_bridge.serve_grpc, sessions.handle_stream, host=grpc_host,
+                        port=grpc_port, backlog=config.grpc_backlog,
+                        max_message_bytes=config.max_message_bytes,
+                        close_timeout_s=config.shutdown_grace_s,
+                    ),
+                )  # fmt: skip
+                http_address = await _start_door(doors, "HTTP", config.http_listen,
+                    functools.partial(http_api.serve_http, app, listen=config.http_listen,
+                                      shutdown_trigger=shutdown.wait),
+                )  # fmt: skip
+                logger.info(
+                    "dispatchd %s ready: agents connect to %s:%s, HTTP API on http://%s:%s",
+                    __version__,
+                    *grpc_address,
+                    *http_address,
+                )
+                task_status.started(Addresses(grpc_address, http_address))
+                await shutdown.wait()
+                logger.info("shutting down: closing the agent port and the HTTP API")
+                doors.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_s
+                doors.cancel_scope.cancel()
+            logger.info("stopping work in progress; running executions resume on restart")
+            work.cancel_scope.cancel()
+    logger.info("the writer has flushed; dispatchd stopped")
+
+
+async def _open_database(config: DaemonConfig) -> Database:
+    try:
+        db = store.open_database(
+            config.db, max_connections=config.db_read_threads + 4,
+            busy_timeout_ms=config.db_busy_timeout_ms,
+        )  # fmt: skip
+        store.bind(db)
+        await trio.to_thread.run_sync(store.create_schema, db)
+    except (store.DatabaseUrlError, RuntimeError) as exc:
+        raise StartupError(f"database {config.db}: {exc}") from None
+    except Exception as exc:  # the driver's own error for an unreachable or unwritable database
+        raise StartupError(f"cannot open the database {config.db}: {exc}") from exc
+    return Database(db, read_threads=config.db_read_threads)
+
+
+async def _start_door(
+    nursery: trio.Nursery, what: str, address: str, serve: functools.partial
+) -> tuple[str, int]:  # type: ignore[type-arg]
+    try:
+        bound: tuple[str, int] = await nursery.start(serve)
+    except OSError as exc:
+        raise StartupError(f"cannot listen for the {what} on {address}: {exc.strerror}") from None
+    return bound
+
+
+async def _wait_for_signal(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            logger.info("received %s", signal.Signals(signum).name)
+            shutdown.set()
+            return
