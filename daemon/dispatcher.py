@@ -24,10 +24,9 @@ A daemon shutdown is none of these: executions stay in flight and are resumed on
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -225,11 +224,25 @@ class Dispatcher:
             )
             with run.scope:
                 async with trio.open_nursery() as hosts:
-                    for executions in plan.by_host.values():
-                        hosts.start_soon(self._run_host, run, executions, resumed)
+                    await self._launch_hosts(run, hosts)
             return await self._finish_task(run)
         finally:
             del self._runs[task_id]
+
+    async def abandon_task(self, task_id: int) -> None:
+        """End a task whose run failed with an internal error, and everything it left open."""
+        with trio.CancelScope(shield=True), trio.move_on_after(_RECORD_WAIT_S):
+            ids = await self._database.read(task_records.unfinished_execution_ids, task_id)
+            await self._writer.settle(
+                ids,
+                ExecStatus.FAILED,
+                Reason.INTERNAL_ERROR,
+                "internal error in the daemon; see its log",
+            )
+            await self._writer.change_task(
+                task_id, TaskStatus.FAILED, frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING}),
+                finished_at=time.time(), error="internal error in the daemon; see its log",
+            )  # fmt: skip
 
     async def _finish_task(self, run: TaskRun) -> TaskStatus:
         counts = await self._database.read(task_records.status_counts, run.task_id)
@@ -256,34 +269,65 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ hosts
 
+    async def _launch_hosts(self, run: TaskRun, hosts: trio.Nursery) -> None:
+        """Start each host's walk in target order, taking the host's slot on its behalf first,
+        so a rollout with ``max_concurrency`` goes host by host in the order asked for (trio
+        schedules tasks in no promised order) and only that many walks exist at once."""
+        waiting = list(run.plan.by_host.values())
+        try:
+            while waiting and run.stop_reason is None:
+                executions = waiting[0]
+                slot = None
+                if run.host_slots is not None and not all(e.status.terminal for e in executions):
+                    slot = object()
+                    await run.host_slots.acquire_on_behalf_of(slot)
+                    if run.stop_reason is not None:
+                        run.host_slots.release_on_behalf_of(slot)
+                        break
+                waiting.pop(0)
+                hosts.start_soon(self._run_host, run, executions, slot)
+            if waiting:
+                await self._writer.settle(
+                    [e.id for host in waiting for e in host], ExecStatus.CANCELLED,
+                    Reason.ERROR_THRESHOLD,
+                    f"not started: more than {run.plan.max_failures} hosts failed",
+                )  # fmt: skip
+        except trio.Cancelled:
+            if run.user_cancelled:
+                with trio.CancelScope(shield=True):
+                    await self._writer.settle(
+                        [e.id for host in waiting for e in host], ExecStatus.CANCELLED,
+                        Reason.USER_CANCEL, "cancelled before it started",
+                    )  # fmt: skip
+            raise
+
     async def _run_host(
-        self, run: TaskRun, executions: list[PlannedExecution], resumed: bool
+        self, run: TaskRun, executions: list[PlannedExecution], slot: object | None
     ) -> None:
+        """Walk one host's commands in order; a failure skips the rest (unless told not to)."""
         remaining = list(executions)
         try:
-            async with _slot(run.host_slots):
-                while remaining:
-                    planned = remaining[0]
-                    if planned.status.terminal:
-                        status = planned.status
-                    elif run.stop_reason is not None:
-                        break
-                    else:
-                        status = await self._execute(run, planned)
-                    remaining.pop(0)
-                    if status != ExecStatus.SUCCEEDED and status != ExecStatus.CANCELLED:
-                        run.host_failed()
-                        if not run.plan.continue_on_error:
-                            await self._writer.settle(
-                                [e.id for e in remaining], ExecStatus.SKIPPED,
-                                Reason.PREVIOUS_FAILED,
-                                f"skipped: command {planned.command_index} did not succeed "
-                                "on this host",
-                            )  # fmt: skip
-                            return
-            if remaining and run.stop_reason is not None:
+            while remaining:
+                planned = remaining[0]
+                if planned.status.terminal:  # resumed after a restart: already over
+                    status = planned.status
+                elif run.stop_reason is not None:
+                    break
+                else:
+                    status = await self._execute(run, planned)
+                remaining.pop(0)
+                if status in (ExecStatus.SUCCEEDED, ExecStatus.CANCELLED):
+                    continue
+                run.host_failed()
+                if not run.plan.continue_on_error:
+                    await self._writer.settle(
+                        [e.id for e in remaining], ExecStatus.SKIPPED, Reason.PREVIOUS_FAILED,
+                        f"skipped: command {planned.command_index} did not succeed on this host",
+                    )  # fmt: skip
+                    return
+            if remaining:
                 await self._writer.settle(
-                    [e.id for e in remaining], ExecStatus.CANCELLED, run.stop_reason,
+                    [e.id for e in remaining], ExecStatus.CANCELLED, Reason.ERROR_THRESHOLD,
                     f"not started: more than {run.plan.max_failures} hosts failed",
                 )  # fmt: skip
         except trio.Cancelled:
@@ -292,12 +336,14 @@ class Dispatcher:
                     # The execution in progress settled itself first; settling is conditional,
                     # so this only ends the ones that never began.
                     await self._writer.settle(
-                        [e.id for e in remaining],
-                        ExecStatus.CANCELLED,
-                        Reason.USER_CANCEL,
+                        [e.id for e in remaining], ExecStatus.CANCELLED, Reason.USER_CANCEL,
                         "cancelled before it started",
-                    )
+                    )  # fmt: skip
             raise
+        finally:
+            if slot is not None:
+                assert run.host_slots is not None
+                run.host_slots.release_on_behalf_of(slot)
 
     # ------------------------------------------------------------------ executions
 
@@ -486,12 +532,3 @@ class Dispatcher:
             executions_running_limit=int(slots.total_tokens),
             executions_waiting_for_slot=slots.tasks_waiting,
         )
-
-
-@contextlib.asynccontextmanager
-async def _slot(limiter: trio.CapacityLimiter | None) -> AsyncIterator[None]:
-    if limiter is None:
-        yield
-    else:
-        async with limiter:
-            yield

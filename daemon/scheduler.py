@@ -79,6 +79,11 @@ class Scheduler:
     async def _run(self, task_id: int) -> None:
         try:
             await self._dispatcher.run_task(task_id)
+        except Exception:
+            # A bug while running one task must neither stop the others nor leave this one
+            # running forever: it is recorded as failed, with the traceback in the log.
+            logger.exception("task %s: internal error while running it", task_id)
+            await self._dispatcher.abandon_task(task_id)
         finally:
             self._active.discard(task_id)
             self.wake()

@@ -80,6 +80,7 @@ class Reason(StrEnum):
     SPAWN_ERROR = "spawn_error"
     PREVIOUS_FAILED = "previous_failed"
     DAEMON_SHUTDOWN = "daemon_shutdown"
+    INTERNAL_ERROR = "internal_error"
 
 
 class HostStatus(StrEnum):

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from peewee import IntegrityError, chunked
+from peewee import IntegrityError, chunked, fn
 
 from daemon.errors import Conflict, InvalidRequest, NotFound
 from daemon.states import ExecStatus, TaskStatus
@@ -225,16 +225,17 @@ def execution_statuses(ids: Sequence[int]) -> dict[int, ExecStatus]:
     return found
 
 
-def pending_execution_ids(task_id: int) -> list[int]:
+def unfinished_execution_ids(task_id: int, *, only_pending: bool = False) -> list[int]:
+    wanted = [ExecStatus.PENDING] if only_pending else [s for s in ExecStatus if not s.terminal]
     query = CommandHost.select(CommandHost.id).where(
-        (CommandHost.task == task_id) & (CommandHost.status == ExecStatus.PENDING.value)
+        (CommandHost.task == task_id) & CommandHost.status.in_([s.value for s in wanted])
     )
     return [row.id for row in query]
 
 
 def status_counts(task_id: int) -> dict[ExecStatus, int]:
     query = (
-        CommandHost.select(CommandHost.status, CommandHost.id.count().alias("n"))
+        CommandHost.select(CommandHost.status, fn.COUNT(CommandHost.id))
         .where(CommandHost.task == task_id)
         .group_by(CommandHost.status)
         .tuples()

@@ -80,7 +80,9 @@ class TaskService:
                 cancel_requested=True, error="cancelled by user before it started",
             )  # fmt: skip
             if cancelled:
-                pending = await self._database.read(task_records.pending_execution_ids, task_id)
+                pending = await self._database.read(
+                    task_records.unfinished_execution_ids, task_id, only_pending=True
+                )
                 await self._writer.settle(pending, ExecStatus.CANCELLED, Reason.USER_CANCEL,
                                           "cancelled before it started")
                 logger.info("task %s cancelled before it started", task_id)
