@@ -133,6 +133,8 @@ def _stream_hashes(db: Database, ch_id: int) -> tuple[bytes, bytes]:
 
 
 def _apply_task_change(db: Database, change: Any, seq: int) -> bool:
+    if not change.allowed_from:
+        return False  # no status allows it (PostgreSQL refuses an empty IN list)
     fields = dict(change.fields)
     if change.to is not None:
         fields["status"] = change.to.value

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import trio
@@ -137,8 +136,8 @@ def _ensure_host(host_id: str) -> None:
 
 
 @pytest.fixture
-async def core(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Core]:
-    db = store.open_database(f"sqlite:///{tmp_path / 'd.db'}")
+async def core(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Core]:
+    db = store.open_database(db_url)
     store.bind(db)
     store.create_schema(db)
     database = Database(db, read_threads=4)

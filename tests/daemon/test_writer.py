@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import trio
@@ -33,8 +32,8 @@ class RecordingSink:
 
 
 @pytest.fixture
-async def database(tmp_path: Path) -> AsyncIterator[Database]:
-    db = store.open_database(f"sqlite:///{tmp_path / 'w.db'}")
+async def database(db_url: str) -> AsyncIterator[Database]:
+    db = store.open_database(db_url)
     store.bind(db)
     store.create_schema(db)
     with db.connection_context():
@@ -55,8 +54,9 @@ async def writer(database: Database) -> AsyncIterator[Writer]:
 
 
 async def new_task(database: Database, hosts: tuple[str, ...] = ("h1", "h2")) -> dict[str, int]:
-    spec = TaskSpec(name="t", commands=(CommandSpec(script="true", timeout_s=5),),
-                    target_hosts=hosts)
+    spec = TaskSpec(
+        name="t", commands=(CommandSpec(script="true", timeout_s=5),), target_hosts=hosts
+    )
     task_id, _ = await database.write(create_task, spec, start=True, idempotency_key=None,
                                       max_targets=10)  # fmt: skip
     rows = await database.read(
@@ -113,7 +113,11 @@ async def test_a_whole_execution_is_recorded_and_acknowledged_after_commit(
     await settle_writes(writer)
     record = await row(database, ch)
     assert (record.status, record.reason, record.exit_code, record.signal) == (
-        "succeeded", "exit_zero", 0, None)
+        "succeeded",
+        "exit_zero",
+        0,
+        None,
+    )
     assert record.pid == 42 and record.last_seq == 4 and record.duration_s == 2.5
     assert record.started_at is not None and record.finished_at >= record.started_at
     assert (record.stdout_bytes, record.output_truncated) == (12, False)
@@ -128,10 +132,17 @@ async def test_duplicates_are_acknowledged_but_not_applied_and_gaps_are_refused(
     ch = (await new_task(database))["h1"]
     sink = RecordingSink()
     await writer.mark_dispatched([ch])
-    await writer.record_events("h1", sink, [event(ch, 1, started=pb.Started(pid=1)),
-                                            out(ch, 2, 0, b"abc")])
-    await writer.record_events("h1", sink, [out(ch, 2, 0, b"abc"),  # replayed after a reconnect
-                                            out(ch, 4, 3, b"gap")])  # seq 3 never arrived
+    await writer.record_events(
+        "h1", sink, [event(ch, 1, started=pb.Started(pid=1)), out(ch, 2, 0, b"abc")]
+    )
+    await writer.record_events(
+        "h1",
+        sink,
+        [
+            out(ch, 2, 0, b"abc"),  # replayed after a reconnect
+            out(ch, 4, 3, b"gap"),
+        ],
+    )  # seq 3 never arrived
     await settle_writes(writer)
     assert await stored(database, ch) == [(0, b"abc")]
     assert sink.acks == {ch: 2}
@@ -146,8 +157,14 @@ async def test_events_for_another_hosts_execution_change_nothing(
     ids = await new_task(database)
     sink = RecordingSink()
     await writer.mark_dispatched([ids["h1"]])
-    await writer.record_events("h2", sink, [event(ids["h1"], 1, started=pb.Started(pid=1)),
-                                            event(999_999, 1, started=pb.Started(pid=1))])
+    await writer.record_events(
+        "h2",
+        sink,
+        [
+            event(ids["h1"], 1, started=pb.Started(pid=1)),
+            event(999_999, 1, started=pb.Started(pid=1)),
+        ],
+    )
     await settle_writes(writer)
     assert (await row(database, ids["h1"])).status == "dispatched"
     assert sink.acks == {}
@@ -188,7 +205,10 @@ async def test_output_keeps_the_head_and_the_tail_and_counts_what_was_dropped(
     assert tail_rows[0][0] == len(data) - len(tail)
     record = await row(database, ch)
     assert (record.stdout_bytes, record.output_truncated, record.status) == (
-        3072, True, "succeeded")
+        3072,
+        True,
+        "succeeded",
+    )
 
 
 async def test_overlapping_and_skipping_output_is_stored_once(
@@ -218,7 +238,11 @@ async def test_a_terminal_state_never_changes_again(database: Database, writer: 
     await settle_writes(writer)
     record = await row(database, ch)
     assert (record.status, record.reason, record.error, record.exit_code) == (
-        "failed", "agent_lost", "gone", None)
+        "failed",
+        "agent_lost",
+        "gone",
+        None,
+    )
 
 
 async def test_cancel_reason_decides_what_a_cancelled_report_means(
@@ -242,10 +266,12 @@ async def test_cancel_reason_decides_what_a_cancelled_report_means(
 async def test_task_changes_are_conditional(database: Database, writer: Writer) -> None:
     await new_task(database)
     task_id = (await database.read(lambda: Task.select().first())).id
-    assert await writer.change_task(task_id, TaskStatus.RUNNING,
-                                    frozenset({TaskStatus.QUEUED}), started_at=1.0)
-    assert not await writer.change_task(task_id, TaskStatus.RUNNING,
-                                        frozenset({TaskStatus.QUEUED}), started_at=2.0)
+    assert await writer.change_task(
+        task_id, TaskStatus.RUNNING, frozenset({TaskStatus.QUEUED}), started_at=1.0
+    )
+    assert not await writer.change_task(
+        task_id, TaskStatus.RUNNING, frozenset({TaskStatus.QUEUED}), started_at=2.0
+    )
     task = await database.read(Task.get_by_id, task_id)
     assert (task.status, task.started_at) == ("running", 1.0)
     assert task.change_seq > 0
@@ -259,8 +285,11 @@ async def test_listeners_hear_durable_transitions(database: Database, writer: Wr
     await writer.record_events("h1", RecordingSink(), [
         event(ch, 1, started=pb.Started(pid=1)), finished(ch, 2, code=3)])  # fmt: skip
     await settle_writes(writer)
-    assert heard == [(ch, ExecStatus.DISPATCHED, None), (ch, ExecStatus.RUNNING, None),
-                     (ch, ExecStatus.FAILED, Reason.EXIT_NONZERO)]
+    assert heard == [
+        (ch, ExecStatus.DISPATCHED, None),
+        (ch, ExecStatus.RUNNING, None),
+        (ch, ExecStatus.FAILED, Reason.EXIT_NONZERO),
+    ]
 
 
 async def test_many_events_share_few_transactions(database: Database, writer: Writer) -> None:
@@ -269,9 +298,11 @@ async def test_many_events_share_few_transactions(database: Database, writer: Wr
     await writer.mark_dispatched(list(ids.values()))
     async with trio.open_nursery() as nursery:
         for host, ch in ids.items():
+
             async def report(host: str = host, ch: int = ch) -> None:
                 for seq in range(2, 102):
                     await writer.record_events(host, sink, [out(ch, seq, seq * 10, b"x" * 10)])
+
             await writer.record_events(host, sink, [event(ch, 1, started=pb.Started(pid=1))])
             nursery.start_soon(report)
     await settle_writes(writer)
@@ -284,15 +315,24 @@ async def test_many_events_share_few_transactions(database: Database, writer: Wr
 async def test_restart_resumes_dedup_from_the_database(database: Database) -> None:
     ch = (await new_task(database))["h1"]
     sink = RecordingSink()
-    settings = dict(max_output_bytes=LIMIT, queue_items=100, batch_events=50, batch_age_s=0.01,
-                    close_timeout_s=5)
+    settings = dict(
+        max_output_bytes=LIMIT,
+        queue_items=100,
+        batch_events=50,
+        batch_age_s=0.01,
+        close_timeout_s=5,
+    )
     async with open_writer(database, LiveHub(buffer_events=10), **settings) as first:
         await first.mark_dispatched([ch])
-        await first.record_events("h1", sink, [event(ch, 1, started=pb.Started(pid=1)),
-                                               out(ch, 2, 0, b"before ")])
+        await first.record_events(
+            "h1", sink, [event(ch, 1, started=pb.Started(pid=1)), out(ch, 2, 0, b"before ")]
+        )
     async with open_writer(database, LiveHub(buffer_events=10), **settings) as second:
-        await second.record_events("h1", sink, [out(ch, 2, 0, b"before "),
-                                                out(ch, 3, 7, b"after"), finished(ch, 4, stdout=12)])
+        await second.record_events(
+            "h1",
+            sink,
+            [out(ch, 2, 0, b"before "), out(ch, 3, 7, b"after"), finished(ch, 4, stdout=12)],
+        )
         await settle_writes(second)
     assert await stored(database, ch) == [(0, b"before "), (7, b"after")]
     record = await row(database, ch)

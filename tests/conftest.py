@@ -1,0 +1,46 @@
+"""Fixtures every test directory shares: a real database of each kind.
+
+``db_url`` runs a test once on a SQLite file and once on a fresh PostgreSQL database (created
+for the test and dropped after it) when ``DISPATCH_TEST_POSTGRES_URL`` names a server and a
+database the user may connect to with CREATEDB rights; ``.ci/run`` starts such a server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import pytest
+
+POSTGRES_URL = os.environ.get("DISPATCH_TEST_POSTGRES_URL")
+
+
+def _admin(sql: str) -> None:
+    import psycopg2
+
+    assert POSTGRES_URL is not None
+    connection = psycopg2.connect(POSTGRES_URL)
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+    finally:
+        connection.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'dispatch.db'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("set DISPATCH_TEST_POSTGRES_URL to run against PostgreSQL")
+    name = f"dispatch_test_{uuid.uuid4().hex[:12]}"
+    _admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunparse(urlparse(POSTGRES_URL)._replace(path=f"/{name}"))
+    finally:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
