@@ -85,7 +85,8 @@ def build_parser(
         if kind is bool:
             parser.add_argument(flag_name(field), action=argparse.BooleanOptionalAction, **common)
         elif kind in (list, dict):
-            parser.add_argument(flag_name(field), action="append", **common)
+            # argparse appends to the default, so repeated flags start from None ("not given").
+            parser.add_argument(flag_name(field), action="append", **{**common, "default": None})
         else:
             parser.add_argument(flag_name(field), **common)
     return parser
@@ -108,7 +109,10 @@ def load_settings(
         cls,
         toml=_read_toml(config_path) if config_path else {},
         environ=environ,
-        flags={k: v for k, v in vars(args).items() if v is not _NOT_GIVEN and k != "config"},
+        flags={
+            k: v for k, v in vars(args).items() if v is not _NOT_GIVEN and v is not None
+            and k != "config"
+        },  # fmt: skip
         env_prefix=env_prefix,
     )
 

@@ -384,7 +384,7 @@ class _Planner:
         status, reason, error = outcome_of(finished, ex.cancel_reason)
         ex.exit_code = finished.exit_code if finished.has_exit_code else None
         ex.signal = finished.signal or None
-        ex.error = finished.error or error
+        ex.error = finished.error or error or None
         ex.finished_at = at
         if ex.started_at is not None:
             ex.duration_s = finished.duration_ns / 1e9

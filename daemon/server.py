@@ -18,11 +18,16 @@ import functools
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST
+from quart import Response
+from quart_trio import QuartTrio
 
 from daemon import __version__, grpc_bridge, host_records, http_api, store
+from daemon.api_schemas import HttpLimits
 from daemon.config import DaemonConfig, split_listen
 from daemon.database import Database
 from daemon.dispatcher import Dispatcher
@@ -93,12 +98,12 @@ async def serve(
         })  # fmt: skip
         app = http_api.create_app(
             database=database, tasks=tasks, live=live, api_token=config.resolved_api_token(),
-            limits=http_api.HttpLimits(
+            limits=HttpLimits(
                 max_body_bytes=config.http_max_body_bytes,
                 max_targets=config.max_targets_per_task,
                 sse_buffer_events=config.sse_buffer_events,
             ),
-            metrics_text=render_metrics,
+            extra_routes=functools.partial(_metrics_route, render=render_metrics),
         )  # fmt: skip
         async with trio.open_nursery() as work:
             await work.start(scheduler.serve)
@@ -116,10 +121,11 @@ async def serve(
                         close_timeout_s=config.shutdown_grace_s,
                     ),
                 )  # fmt: skip
-                http_address = await _start_door(doors, "HTTP", config.http_listen,
+                http_urls = await _start_door(doors, "HTTP", config.http_listen,
                     functools.partial(http_api.serve_http, app, listen=config.http_listen,
                                       shutdown_trigger=shutdown.wait),
                 )  # fmt: skip
+                http_address = split_listen(http_urls[0].removeprefix("http://"))
                 logger.info(
                     "dispatchd %s ready: agents connect to %s:%s, HTTP API on http://%s:%s",
                     __version__,
@@ -134,6 +140,13 @@ async def serve(
             logger.info("stopping work in progress; running executions resume on restart")
             work.cancel_scope.cancel()
     logger.info("the writer has flushed; dispatchd stopped")
+
+
+def _metrics_route(app: QuartTrio, *, render: Callable[[], bytes]) -> None:
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(render(), content_type=CONTENT_TYPE_LATEST)
 
 
 async def _open_database(config: DaemonConfig) -> Database:
