@@ -134,9 +134,8 @@ def _install_size_guard(stream: Any, max_message_bytes: int) -> None:
             expecting_header = False
             (length,) = struct.unpack(">I", data[1:])
             if length > max_message_bytes:
-                raise grpclib.exceptions.GRPCError(
-                    grpclib.const.Status.RESOURCE_EXHAUSTED,
-                    f"message of {length} bytes is over the limit of {max_message_bytes}",
+                raise MessageTooLarge(
+                    f"message of {length} bytes is over the limit of {max_message_bytes}"
                 )
         return data
 

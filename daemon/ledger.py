@@ -440,7 +440,8 @@ def outcome_of(
         return ExecStatus.FAILED, Reason.SPAWN_ERROR, "the command could not be started"
     if outcome == pb.Outcome.AGENT_RESTART:
         return ExecStatus.FAILED, Reason.AGENT_RESTART, "the agent restarted while it ran"
-    return ExecStatus.FAILED, Reason.AGENT_LOST, f"the agent reported an unknown outcome {outcome}"
+    # UNSPECIFIED: the agent itself failed while running the command (its error says how).
+    return ExecStatus.FAILED, Reason.AGENT_ERROR, "the agent failed while running the command"
 
 
 def signal_name(number: int) -> str:

@@ -51,8 +51,9 @@ class Scheduler:
                 task_records.tasks_in_status, TaskStatus.RUNNING, _RESUME_BATCH
             )
             if interrupted:
-                logger.info("resuming %d tasks that were running when the daemon stopped",
-                            len(interrupted))
+                logger.info(
+                    "resuming %d tasks that were running when the daemon stopped", len(interrupted)
+                )
             for task_id in interrupted:
                 self._launch(task_id)
             task_status.started()

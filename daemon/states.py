@@ -81,6 +81,7 @@ class Reason(StrEnum):
     PREVIOUS_FAILED = "previous_failed"
     DAEMON_SHUTDOWN = "daemon_shutdown"
     INTERNAL_ERROR = "internal_error"
+    AGENT_ERROR = "agent_error"
 
 
 class HostStatus(StrEnum):

@@ -56,8 +56,13 @@ class TaskService:
             retry_of=retry_of,
         )
         if created:
-            logger.info("task %s created (%r, %d commands)%s", task_id, spec.name,
-                        len(spec.commands), " and queued" if start else "")
+            logger.info(
+                "task %s created (%r, %d commands)%s",
+                task_id,
+                spec.name,
+                len(spec.commands),
+                " and queued" if start else "",
+            )
             if start:
                 self._scheduler.wake()
         return task_id
@@ -83,8 +88,9 @@ class TaskService:
                 pending = await self._database.read(
                     task_records.unfinished_execution_ids, task_id, only_pending=True
                 )
-                await self._writer.settle(pending, ExecStatus.CANCELLED, Reason.USER_CANCEL,
-                                          "cancelled before it started")
+                await self._writer.settle(
+                    pending, ExecStatus.CANCELLED, Reason.USER_CANCEL, "cancelled before it started"
+                )
                 logger.info("task %s cancelled before it started", task_id)
                 return
             status = await self._status(task_id)  # it started meanwhile

@@ -173,7 +173,7 @@ class Cluster:
 
     async def wait_offline(self, host_id: str, timeout_s: float = 30) -> None:
         with trio.fail_after(timeout_s):
-            while (await self.get(f"/api/v1/hosts/{host_id}"))["status"] != "offline":
+            while (await self.get(f"/api/v1/hosts/{host_id}"))["status"] != "offline":  # noqa: ASYNC110
                 await trio.sleep(0.05)
 
     async def aclose(self) -> None:
@@ -244,7 +244,9 @@ class Cluster:
                     return items
                 await trio.sleep(0.05)
 
-    async def wait_stdout_lines(self, execution_id: str, lines: int, timeout_s: float = 30) -> list[str]:
+    async def wait_stdout_lines(
+        self, execution_id: str, lines: int, timeout_s: float = 30
+    ) -> list[str]:
         with trio.fail_after(timeout_s):
             while True:
                 stdout = (await self.execution(execution_id))["stdout"]

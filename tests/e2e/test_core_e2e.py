@@ -70,7 +70,10 @@ async def test_three_agents_two_commands_all_recorded_with_live_progress(cluster
                 break
     task = await cluster.wait_task(task_id)
     assert (task["status"], task["progress"]["percent"], task["progress"]["by_status"]) == (
-        "completed", 100.0, {"succeeded": 6})
+        "completed",
+        100.0,
+        {"succeeded": 6},
+    )
     assert percents[-1] == 100.0 and any(0 < p < 100 for p in percents)
     assert percents == sorted(percents)
     rows = by_host(await cluster.executions(task_id))
@@ -79,7 +82,11 @@ async def test_three_agents_two_commands_all_recorded_with_live_progress(cluster
         first, second = rows[(host, 0)], rows[(host, 1)]
         detail = await cluster.execution(first["id"])
         assert (detail["status"], detail["reason"], detail["exit_code"], detail["signal"]) == (
-            "succeeded", "exit_zero", 0, None)
+            "succeeded",
+            "exit_zero",
+            0,
+            None,
+        )
         assert detail["stdout"].startswith("out one ") and detail["stderr"] == "err one\n"
         assert (await cluster.execution(second["id"]))["stdout"] == "second\n"
         for execution in (first, second):
@@ -111,13 +118,18 @@ async def test_a_timeout_kills_the_whole_process_group(cluster: Cluster) -> None
     await cluster.start_agents("t1")
     began = time.monotonic()
     task_id = await cluster.run_task(
-        ["t1"], "echo $$; sh -c 'echo $$; exec sleep 60' & sleep 60", timeout_s=1)
+        ["t1"], "echo $$; sh -c 'echo $$; exec sleep 60' & sleep 60", timeout_s=1
+    )
     task = await cluster.wait_task(task_id)
     elapsed = time.monotonic() - began
     (execution,) = await cluster.executions(task_id)
     detail = await cluster.execution(execution["id"])
     assert (task["status"], detail["status"], detail["reason"], detail["exit_code"]) == (
-        "failed", "timed_out", "timeout", None)
+        "failed",
+        "timed_out",
+        "timeout",
+        None,
+    )
     assert detail["signal"] in (15, 9)
     assert elapsed < 8
     pids = [int(line) for line in detail["stdout"].split()]
@@ -131,7 +143,8 @@ async def test_cancel_mid_run_stops_every_process_on_every_host(cluster: Cluster
     await cluster.start_agents(*hosts)
     task_id = await cluster.run_task(hosts, "echo $$; sleep 60 & echo $!; wait", "echo never")
     running = await cluster.wait_executions(
-        task_id, lambda items: sum(e["status"] == "running" for e in items) == 3)
+        task_id, lambda items: sum(e["status"] == "running" for e in items) == 3
+    )
     pids: list[int] = []
     for execution in running:
         if execution["status"] == "running":
@@ -159,7 +172,8 @@ async def test_an_agent_killed_mid_run_is_lost_after_the_grace(cluster: Cluster)
     await cluster.start_agents("k1", "k2")
     task_id = await cluster.run_task(["k1", "k2"], "echo $$; sleep 4")
     running = await cluster.wait_executions(
-        task_id, lambda items: all(e["status"] == "running" for e in items))
+        task_id, lambda items: all(e["status"] == "running" for e in items)
+    )
     victim = by_host(running)[("k1", 0)]
     orphan = int((await cluster.wait_stdout_lines(victim["id"], 1))[0])
     await cluster.agents["k1"].kill(signal.SIGKILL)
@@ -186,13 +200,18 @@ async def test_a_dropped_connection_back_within_the_grace_keeps_the_real_result(
     script = f"echo run >> {marker}; echo first; sleep 1.5; echo second; echo warn >&2; exit 7"
     task_id = await cluster.run_task(["p1"], script)
     (execution,) = await cluster.wait_executions(
-        task_id, lambda items: items[0]["status"] == "running")
+        task_id, lambda items: items[0]["status"] == "running"
+    )
     await cluster.wait_stdout_lines(execution["id"], 1)
     assert await proxy.cut() == 2
     task = await cluster.wait_task(task_id)
     detail = await cluster.execution(execution["id"])
     assert (task["status"], detail["status"], detail["reason"], detail["exit_code"]) == (
-        "failed", "failed", "exit_nonzero", 7)
+        "failed",
+        "failed",
+        "exit_nonzero",
+        7,
+    )
     assert (detail["stdout"], detail["stderr"]) == ("first\nsecond\n", "warn\n")
     assert marker.read_text() == "run\n"  # it ran once
     assert proxy.accepted >= 2
@@ -208,7 +227,8 @@ async def test_a_daemon_killed_mid_task_settles_everything_after_restart(
     await cluster.start_agents(*hosts)
     task_id = await cluster.run_task(hosts, "sleep 2; echo done-$1", "echo after")
     await cluster.wait_executions(
-        task_id, lambda items: sum(e["status"] == "running" for e in items) == 3)
+        task_id, lambda items: sum(e["status"] == "running" for e in items) == 3
+    )
     assert cluster.daemon is not None
     await cluster.daemon.kill(signal.SIGKILL)
     await trio.sleep(2.5)  # the commands finish while the daemon is down
@@ -326,6 +346,7 @@ async def test_bad_requests_are_refused_in_words_and_write_nothing(cluster: Clus
         if field is not None:
             assert error.get("field") == field, (field, error)
     unauthenticated = await httpx.AsyncClient(base_url=str(cluster.http.base_url)).post(
-        "/api/v1/tasks", json=good)
+        "/api/v1/tasks", json=good
+    )
     assert unauthenticated.status_code == 401
     assert (await cluster.get("/api/v1/tasks"))["items"] == []

@@ -1,0 +1,364 @@
+"""Running one command: ``/bin/sh -c SCRIPT dispatch ARG...`` in its own session, its output
+read, coalesced and capped, its whole process group killed on timeout or stop.
+
+A runner is any ``Runner`` callable: the worker hands it the Run, a ``RunReport`` to tell what
+happened and a ``Stop`` that asks it to end early; it returns the ``Finished`` record. The real
+one is ``ProcessRunner``; a load generator can pass a fake that never forks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from agent.process_group import KillResult, ProcessInfo, describe_process, kill_process_group
+from proto.dispatch import v1 as pb
+
+logger = logging.getLogger(__name__)
+
+SHELL = "/bin/sh"
+ARGV0 = "dispatch"  # $0 of the script; its arguments are $1...
+
+
+class RunReport(Protocol):
+    """Where a runner reports a command's progress (the worker journals it)."""
+
+    async def started(self, pid: int, process: ProcessInfo | None) -> None: ...
+
+    async def output(self, stream: pb.OutputStream, offset: int, data: bytes) -> None: ...
+
+
+class Stop:
+    """A request to end a command before it exits by itself: the outcome and why.
+
+    The first request wins. ``cancels()`` gives a cancel scope that a request cancels, for
+    whatever the caller is waiting on (a free slot, the process).
+    """
+
+    def __init__(self) -> None:
+        self.outcome = pb.Outcome.UNSPECIFIED
+        self.reason = ""
+        self._event = trio.Event()
+        self._scopes: set[trio.CancelScope] = set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def request(self, outcome: pb.Outcome, reason: str) -> None:
+        if self.requested:
+            return
+        self.outcome = outcome
+        self.reason = reason
+        self._event.set()
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    @contextlib.contextmanager
+    def cancels(self) -> Iterator[trio.CancelScope]:
+        with trio.CancelScope() as scope:
+            if self.requested:
+                scope.cancel()
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+
+Runner = Callable[[pb.Run, RunReport, Stop], Awaitable[pb.Finished]]
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    chunk_bytes: int = 64 * 1024
+    flush_s: float = 0.05
+    default_output_limit_bytes: int = 1024 * 1024
+    default_kill_grace_s: float = 5.0
+    pipe_drain_s: float = 2.0
+    # After SIGKILL, how long to wait for the kernel to let the process go (D state, NFS...).
+    reap_timeout_s: float = 5.0
+
+
+class ProcessRunner:
+    """The real ``Runner``: a shell in a new session, per ``RunnerSettings``."""
+
+    def __init__(self, settings: RunnerSettings) -> None:
+        self._settings = settings
+
+    async def __call__(self, run: pb.Run, report: RunReport, stop: Stop) -> pb.Finished:
+        settings = self._settings
+        grace_s = run.kill_grace_ms / 1000 if run.kill_grace_ms else settings.default_kill_grace_s
+        limit = run.output_limit_bytes or settings.default_output_limit_bytes
+        try:
+            process = await trio.lowlevel.open_process(
+                [SHELL, "-c", run.script, ARGV0, *run.args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=run.cwd or None,
+                env={**os.environ, **run.env},
+                start_new_session=True,
+            )
+        except (OSError, ValueError) as exc:
+            where = f" in {run.cwd}" if run.cwd else ""
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return pb.Finished(
+                outcome=pb.Outcome.SPAWN_ERROR, error=f"could not start {SHELL}{where}: {reason}"
+            )
+        child = _Child(process)
+        assert process.stdout is not None and process.stderr is not None
+        pumps = (
+            _OutputPump(pb.OutputStream.STDOUT, process.stdout, limit, settings, report),
+            _OutputPump(pb.OutputStream.STDERR, process.stderr, limit, settings, report),
+        )
+        try:
+            await report.started(process.pid, describe_process(process.pid))
+            async with trio.open_nursery() as nursery:
+                for pump in pumps:
+                    nursery.start_soon(pump.run)
+                outcome, killed = await self._supervise(child, run, stop, grace_s)
+                # A background job that inherited the pipes may keep them open for ever: read
+                # what is left for a bounded time only.
+                with trio.move_on_after(settings.pipe_drain_s):
+                    for pump in pumps:
+                        await pump.wait_eof()
+                for pump in pumps:
+                    pump.stop_reading()
+            for pump in pumps:
+                await pump.finish()
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:  # cancelled from outside: still kill it all
+                    await self._kill(child, grace_s, run.command_host_id)
+                for pipe in (process.stdout, process.stderr):
+                    await pipe.aclose()
+        return self._finished(child, run, outcome, killed, grace_s, stop, pumps)
+
+    async def _supervise(
+        self, child: _Child, run: pb.Run, stop: Stop, grace_s: float
+    ) -> tuple[pb.Outcome, KillResult | None]:
+        timeout_s = run.timeout_ms / 1000 if run.timeout_ms else math.inf
+        with trio.move_on_at(child.spawned_at + timeout_s), stop.cancels():
+            await child.wait()
+            return pb.Outcome.EXITED, None
+        if child.exited_by_itself():  # in the same instant as the timeout or the stop
+            return pb.Outcome.EXITED, None
+        outcome = stop.outcome if stop.requested else pb.Outcome.TIMED_OUT
+        with trio.CancelScope(shield=True):
+            killed = await self._kill(child, grace_s, run.command_host_id)
+        return outcome, killed
+
+    async def _kill(self, child: _Child, grace_s: float, command_host_id: int) -> KillResult:
+        result = KillResult.ALREADY_GONE
+        with trio.move_on_after(grace_s + self._settings.reap_timeout_s) as bound:
+            async with trio.open_nursery() as nursery:
+                # Reaping runs alongside: a zombie leader would keep the group "alive".
+                nursery.start_soon(child.wait)
+                result = await kill_process_group(child.pgid, grace_s=grace_s)
+        if bound.cancelled_caught:
+            logger.error(
+                "command_host %d: pid %d did not exit after SIGKILL; giving up on it",
+                command_host_id,
+                child.pgid,
+            )
+        return result
+
+    def _finished(
+        self,
+        child: _Child,
+        run: pb.Run,
+        outcome: pb.Outcome,
+        killed: KillResult | None,
+        grace_s: float,
+        stop: Stop,
+        pumps: tuple[_OutputPump, _OutputPump],
+    ) -> pb.Finished:
+        finished = pb.Finished(
+            outcome=outcome,
+            stdout_bytes=pumps[0].total,
+            stderr_bytes=pumps[1].total,
+            duration_ns=child.duration_ns(),
+        )
+        returncode = child.process.returncode
+        if returncode is not None and returncode >= 0:
+            finished.has_exit_code = True
+            finished.exit_code = returncode
+        elif returncode is not None:
+            finished.signal = -returncode
+        if outcome == pb.Outcome.EXITED:
+            finished.error = _describe_exit(returncode)
+        else:
+            how = killed.describe(grace_s) if killed else "process group state unknown"
+            if outcome == pb.Outcome.TIMED_OUT:
+                finished.error = f"timed out after {run.timeout_ms / 1000:.1f} s; {how}"
+            else:
+                finished.error = f"{stop.reason}; {how}"
+        return finished
+
+
+class _Child:
+    """The spawned shell: its group id, and when it started and ended on the monotonic clock."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.pgid = process.pid  # start_new_session: the shell leads its own group
+        self.spawned_at = trio.current_time()
+        self._spawned_ns = time.monotonic_ns()
+        self._exited_ns: int | None = None
+
+    async def wait(self) -> None:
+        await self.process.wait()
+        self._note_exit()
+
+    def exited_by_itself(self) -> bool:
+        if self.process.poll() is None:
+            return False
+        self._note_exit()
+        return True
+
+    def _note_exit(self) -> None:
+        if self._exited_ns is None:
+            self._exited_ns = time.monotonic_ns()
+
+    def duration_ns(self) -> int:
+        return (self._exited_ns or time.monotonic_ns()) - self._spawned_ns
+
+
+class _OutputPump:
+    """Reads one of the command's streams and reports it in chunks, within the output cap.
+
+    Bytes below offset 4*L are forwarded live, coalesced up to ``chunk_bytes`` or ``flush_s``.
+    Past that, nothing more goes out live; the last T = L - L//2 bytes are kept and sent when the
+    process ends, so the daemon can store the first L//2 bytes and the last T whatever the size.
+    """
+
+    def __init__(
+        self,
+        stream: pb.OutputStream,
+        source: trio.abc.ReceiveStream,
+        limit: int,
+        settings: RunnerSettings,
+        report: RunReport,
+    ) -> None:
+        self.total = 0  # bytes read so far: the stream's size once it ended
+        self._stream = stream
+        self._source = source
+        self._chunk_bytes = settings.chunk_bytes
+        self._flush_s = settings.flush_s
+        self._report = report
+        self._live_limit = 4 * limit
+        self._tail = _Tail(limit - limit // 2)
+        self._sent = 0  # end offset of what was reported
+        self._pending = bytearray()
+        self._pending_since = 0.0
+        self._reading = True
+        self._receive_scope: trio.CancelScope | None = None
+        self._eof = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            while self._reading:
+                size = self._chunk_bytes - len(self._pending)
+                deadline = self._pending_since + self._flush_s if self._pending else math.inf
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._receive_scope = scope
+                    data = await self._source.receive_some(size)
+                self._receive_scope = None
+                if scope.cancelled_caught:
+                    if not self._reading:
+                        return
+                    await self._flush()  # the oldest pending byte reached the flush age
+                    continue
+                if not data:
+                    return
+                await self._take(data)
+        finally:
+            self._eof.set()
+
+    async def wait_eof(self) -> None:
+        await self._eof.wait()
+
+    def stop_reading(self) -> None:
+        self._reading = False
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+
+    async def finish(self) -> None:
+        """Report what is still buffered, then the kept tail that was not reported live."""
+        await self._flush()
+        start = max(self._sent, self.total - self._tail.capacity)
+        if start >= self.total:
+            return
+        tail = self._tail.last(self.total - start)
+        for piece in range(0, len(tail), self._chunk_bytes):
+            data = tail[piece : piece + self._chunk_bytes]
+            await self._report.output(self._stream, start + piece, data)
+        self._sent = self.total
+
+    async def _take(self, data: bytes | bytearray) -> None:
+        offset = self.total
+        self.total += len(data)
+        self._tail.add(data)
+        live = data[: max(0, self._live_limit - offset)]
+        if not live:
+            return
+        if not self._pending:
+            self._pending_since = trio.current_time()
+        self._pending += live
+        if len(self._pending) >= self._chunk_bytes or len(live) < len(data):
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = bytes(self._pending)
+        self._pending.clear()
+        offset, self._sent = self._sent, self._sent + len(data)
+        await self._report.output(self._stream, offset, data)
+
+
+class _Tail:
+    """The last ``capacity`` bytes of a stream, kept as the chunks they arrived in."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._chunks: deque[bytes | bytearray] = deque()
+        self._size = 0
+
+    def add(self, data: bytes | bytearray) -> None:
+        if not self.capacity:
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        while self._size - len(self._chunks[0]) >= self.capacity:
+            self._size -= len(self._chunks.popleft())
+
+    def last(self, size: int) -> bytes:
+        return b"".join(self._chunks)[-size:] if size else b""
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None or returncode == 0:
+        return ""
+    if returncode > 0:
+        return f"exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}"
