@@ -19,13 +19,13 @@ from daemon.ledger import (
     UPDATE_FIELDS,
     Execution,
     Ledger,
-    Op,
     Plan,
     StreamState,
     output_digest,
 )
 from daemon.states import ExecStatus
 from daemon.store import execute_many
+from daemon.write_ops import Op
 
 _CHUNK = 500  # ids per IN (...) list
 

@@ -25,83 +25,26 @@ import signal as signals
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import betterproto2
-import trio
 
-from daemon.states import EXEC_RANK, ExecStatus, Reason, TaskStatus
+from daemon.states import EXEC_RANK, ExecStatus, Reason
+from daemon.write_ops import (
+    AckSink,
+    AgentEvents,
+    MarkDispatched,
+    NoteCancel,
+    Op,
+    Settle,
+    TaskChange,
+)
 from proto.dispatch import v1 as pb
 
 logger = logging.getLogger(__name__)
 
 STDOUT, STDERR = 1, 2
 _RECENTLY_DONE = 20_000  # finished executions remembered, so late replays need no database read
-
-
-class AckSink(Protocol):
-    """Where acknowledgements for an agent's events go (its session)."""
-
-    def ack_nowait(self, acks: Mapping[int, int]) -> None: ...
-
-
-# ------------------------------------------------------------------ what the writer is asked to do
-
-
-@dataclass(frozen=True, slots=True)
-class AgentEvents:
-    host_id: str
-    sink: AckSink
-    events: Sequence[tuple[pb.Event, float]]  # each event with its time on the daemon's clock
-
-
-@dataclass(frozen=True, slots=True)
-class MarkDispatched:
-    ids: Sequence[int]
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Settle:
-    """End executions without the agent's word (offline, lost, skipped, cancelled unconfirmed)."""
-
-    ids: Sequence[int]
-    status: ExecStatus
-    reason: Reason
-    error: str
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class NoteCancel:
-    """A cancel was sent for these executions; the agent's CANCELLED report means ``reason``."""
-
-    ids: Sequence[int]
-    reason: Reason
-
-
-@dataclass(eq=False)
-class TaskChange:
-    """Set task fields, moving it to ``to`` if its status is in ``allowed_from``; the caller
-    waits on ``done`` and reads ``applied``."""
-
-    task_id: int
-    to: TaskStatus | None
-    allowed_from: frozenset[TaskStatus]
-    fields: dict[str, Any]
-    done: trio.Event = field(default_factory=trio.Event)
-    applied: bool = False
-
-
-Op = AgentEvents | MarkDispatched | Settle | NoteCancel | TaskChange
-
-
-def op_weight(op: Op) -> int:
-    if isinstance(op, AgentEvents):
-        return len(op.events)
-    if isinstance(op, MarkDispatched | Settle | NoteCancel):
-        return len(op.ids)
-    return 1
 
 
 # ------------------------------------------------------------------ state

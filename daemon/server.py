@@ -32,6 +32,7 @@ from daemon.config import DaemonConfig, split_listen
 from daemon.database import Database
 from daemon.dispatcher import Dispatcher
 from daemon.errors import StartupError
+from daemon.executions import ExecutionFollower
 from daemon.identity import SharedTokenAuthenticator
 from daemon.live import LiveHub
 from daemon.metrics import metrics_renderer
@@ -73,12 +74,13 @@ async def serve(
         batch_age_s=config.writer_batch_age_s, close_timeout_s=config.shutdown_grace_s,
     ) as writer:  # fmt: skip
         registry = Registry()
-        dispatcher = Dispatcher(
+        follower = ExecutionFollower(
             registry=registry, writer=writer, database=database,
             max_running_executions=config.max_running_executions,
             agent_grace_s=config.agent_grace_s, kill_grace_s=config.kill_grace_s,
             report_margin_s=config.report_margin_s, max_output_bytes=config.max_output_bytes,
         )  # fmt: skip
+        dispatcher = Dispatcher(follower=follower, writer=writer, database=database)
         scheduler = Scheduler(dispatcher, database, max_running_tasks=config.max_running_tasks)
         tasks = TaskService(
             database=database, writer=writer, scheduler=scheduler, dispatcher=dispatcher,

@@ -23,10 +23,13 @@ import trio
 
 from daemon import flush
 from daemon.database import Database
-from daemon.ledger import (
+from daemon.ledger import Ledger
+from daemon.live import LiveEvent, LiveHub
+from daemon.states import ExecStatus, Reason, TaskStatus
+from daemon.views import execution_view, progress_view, task_event_view
+from daemon.write_ops import (
     AckSink,
     AgentEvents,
-    Ledger,
     MarkDispatched,
     NoteCancel,
     Op,
@@ -34,9 +37,6 @@ from daemon.ledger import (
     TaskChange,
     op_weight,
 )
-from daemon.live import LiveEvent, LiveHub
-from daemon.states import ExecStatus, Reason, TaskStatus
-from daemon.views import execution_view, progress_view, task_event_view
 from proto.dispatch import v1 as pb
 
 logger = logging.getLogger(__name__)

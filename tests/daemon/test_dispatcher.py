@@ -13,6 +13,7 @@ import trio
 from daemon import store
 from daemon.database import Database
 from daemon.dispatcher import Dispatcher
+from daemon.executions import ExecutionFollower
 from daemon.live import LiveHub
 from daemon.registry import Registry
 from daemon.scheduler import Scheduler
@@ -148,7 +149,7 @@ async def core(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Core]:
                            queue_items=1000, batch_events=500, batch_age_s=0.005,
                            close_timeout_s=5) as writer:  # fmt: skip
         registry = Registry()
-        dispatcher = Dispatcher(
+        follower = ExecutionFollower(
             registry=registry,
             writer=writer,
             database=database,
@@ -158,6 +159,7 @@ async def core(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Core]:
             report_margin_s=0.2,
             max_output_bytes=1000,
         )
+        dispatcher = Dispatcher(follower=follower, writer=writer, database=database)
         scheduler = Scheduler(dispatcher, database, max_running_tasks=4)
         tasks = TaskService(
             database=database,
