@@ -30,7 +30,11 @@ class AgentConfig:
     token_file: Path | None = setting(
         None, help="file holding the credential (instead of --token)", metavar="FILE"
     )
-    host_id: str = setting(default_factory=socket.gethostname, help="this host's id", metavar="ID")
+    host_id: str = setting(
+        default_factory=socket.gethostname,
+        help="this host's id (default: the machine's hostname)",
+        metavar="ID",
+    )
     labels: dict[str, str] = setting(
         default_factory=dict,
         flag="--label",

@@ -77,7 +77,6 @@ class DaemonConfig:
         4 * 1024 * 1024, help="largest gRPC message accepted from an agent"
     )
     grpc_backlog: int = setting(4096, help="listen backlog of the agent port (connect storms)")
-    session_send_buffer: int = setting(256, help="messages queued to one agent before senders wait")
 
     writer_batch_events: int = setting(
         2000, help="largest batch of changes written in one transaction"
@@ -112,7 +111,7 @@ class DaemonConfig:
         positive = (
             "max_running_executions", "max_running_tasks", "heartbeat_interval_s",
             "hello_timeout_s", "max_output_bytes", "max_message_bytes", "grpc_backlog",
-            "session_send_buffer", "writer_batch_events", "writer_batch_age_s",
+            "writer_batch_events", "writer_batch_age_s",
             "writer_queue_items", "db_read_threads", "http_max_body_bytes",
             "max_targets_per_task", "sse_buffer_events", "shutdown_grace_s", "db_busy_timeout_ms",
         )  # fmt: skip
