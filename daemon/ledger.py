@@ -300,12 +300,19 @@ class _Planner:
             state.kept += len(piece)
             if state.hasher is not None:
                 state.hasher.update(piece)
-            change_seq = self.plan.take_seq()
-            self.plan.output_rows.append(
-                (ex.id, ex.task_id, stream, start, len(piece), piece, change_seq)
-            )
-            if start >= self.ledger.head_bytes:
-                state.tail_rows.append((start, len(piece)))
+            head = self.ledger.head_bytes
+            # A chunk across the head's end is stored as two rows, so the head is exactly the
+            # first half of the limit and the tail can be pruned row by row.
+            cut = head - start if start < head < end else len(piece)
+            for part_start, part in ((start, piece[:cut]), (start + cut, piece[cut:])):
+                if not part:
+                    continue
+                change_seq = self.plan.take_seq()
+                self.plan.output_rows.append(
+                    (ex.id, ex.task_id, stream, part_start, len(part), part, change_seq)
+                )
+                if part_start >= head:
+                    state.tail_rows.append((part_start, len(part)))
             self.prune(ex, stream, state)
         total = max(ex.stdout_bytes if stream == STDOUT else ex.stderr_bytes, end)
         if stream == STDOUT:

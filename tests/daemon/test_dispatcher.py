@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -136,8 +137,9 @@ def _ensure_host(host_id: str) -> None:
     store.Host.insert(id=host_id, first_seen_at=0.0, labels="{}").on_conflict_ignore().execute()
 
 
-@pytest.fixture
-async def core(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Core]:
+@asynccontextmanager
+async def open_core(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Core]:
+    """The daemon's core on ``db_url``; leaving it is a daemon shutdown (work stays in flight)."""
     db = store.open_database(db_url)
     store.bind(db)
     store.create_schema(db)
@@ -173,6 +175,12 @@ async def core(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Core]:
             yield Core(database, writer, registry, dispatcher, tasks, nursery)
             inner.cancel_scope.cancel()
     db.close_all()
+
+
+@pytest.fixture
+async def core(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Core]:
+    async with open_core(db_url, nursery) as running:
+        yield running
 
 
 def statuses(rows: dict[tuple[str, int], CommandHost]) -> dict[tuple[str, int], tuple[str, str]]:
@@ -401,3 +409,47 @@ async def test_idempotency_key_gives_one_task(core: Core) -> None:
         await core.tasks.create(other, start=False, idempotency_key="k-1")
     count: Callable[[], int] = lambda: Task.select().count()  # noqa: E731
     assert await core.database.read(count) == 1
+
+
+async def test_after_a_restart_in_flight_work_is_settled_and_queued_work_runs(
+    db_url: str, nursery: trio.Nursery
+) -> None:
+    async with open_core(db_url, nursery) as before:
+        returning = await before.connect("back", behaviour="hang")
+        await before.connect("never", behaviour="hang")
+        running = await before.run(["back", "never"], "sleep 60", "echo next")
+        await eventually(lambda: len(returning.runs) == 1)
+        await eventually(lambda: before.dispatcher.statistics().executions_in_flight == 2)
+        await trio.sleep(0.1)  # both Started events durable
+        for host in ("back", "never"):
+            before.registry.detach(before.registry.current(host))  # type: ignore[arg-type]
+        spec = TaskSpec(
+            name="q", commands=(CommandSpec(script="true", timeout_s=5),), target_hosts=("back",)
+        )
+        queued = await before.tasks.create(spec, start=False, idempotency_key=None)
+        await before.database.write(  # started just as the daemon died: queued, never picked
+            lambda: (
+                store.Task.update(status="queued", queued_at=1.0)
+                .where(store.Task.id == queued)
+                .execute()
+            )
+        )
+    # The daemon stopped: the first task is still running, its executions in flight.
+    ch_id = returning.runs[0]
+    async with open_core(db_url, nursery) as after:
+        back = await after.connect("back", behaviour="succeed", known=frozenset({ch_id}))
+        back.seqs = dict(returning.seqs)
+        await back._report(
+            ch_id,
+            pb.Finished(outcome=pb.Outcome.EXITED, has_exit_code=True, exit_code=0, duration_ns=1),
+        )
+        first = await after.wait_task(running)
+        second = await after.wait_task(queued)
+        rows = statuses(await after.executions(running))
+    assert (first.status, second.status) == ("failed", "completed")
+    assert rows == {
+        ("back", 0): ("succeeded", "exit_zero"),
+        ("back", 1): ("succeeded", "exit_zero"),
+        ("never", 0): ("failed", "daemon_restart"),
+        ("never", 1): ("skipped", "previous_failed"),
+    }

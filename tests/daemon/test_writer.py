@@ -338,3 +338,19 @@ async def test_restart_resumes_dedup_from_the_database(database: Database) -> No
     record = await row(database, ch)
     assert (record.status, record.stdout_bytes, record.last_seq) == ("succeeded", 12, 4)
     assert record.output_digest is not None
+
+
+async def test_a_chunk_across_the_heads_end_is_split_so_the_head_is_exact(
+    database: Database, writer: Writer
+) -> None:
+    ch = (await new_task(database))["h1"]
+    data = bytes(range(256)) * 8  # 2048 bytes in two 1024-byte chunks
+    await writer.mark_dispatched([ch])
+    await writer.record_events("h1", RecordingSink(), [
+        event(ch, 1, started=pb.Started(pid=1)), out(ch, 2, 0, data[:1024]),
+        out(ch, 3, 1024, data[1024:]), finished(ch, 4, stdout=len(data)),
+    ])  # fmt: skip
+    await settle_writes(writer)
+    assert await stored(database, ch) == [(0, data[:500]), (1024, data[1024:])]
+    record = await row(database, ch)
+    assert (record.stdout_bytes, record.output_truncated) == (2048, True)

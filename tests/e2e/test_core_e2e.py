@@ -350,3 +350,28 @@ async def test_bad_requests_are_refused_in_words_and_write_nothing(cluster: Clus
     )
     assert unauthenticated.status_code == 401
     assert (await cluster.get("/api/v1/tasks"))["items"] == []
+
+
+async def test_big_output_keeps_exactly_the_head_and_the_tail(cluster: Cluster) -> None:
+    await cluster.start_daemon("--max-output-bytes", "65536")
+    await cluster.start_agents("o1")
+    task_id = await cluster.run_task(["o1"], "seq 1 200000; echo tail-err >&2")
+    await cluster.wait_task(task_id)
+    (execution,) = await cluster.executions(task_id)
+    produced = "".join(f"{i}\n" for i in range(1, 200001)).encode()
+    assert (execution["status"], execution["stdout_bytes"], execution["stderr_bytes"]) == (
+        "succeeded",
+        len(produced),
+        9,
+    )
+    assert execution["output_truncated"] is True
+    raw = await cluster.http.get(f"/api/v1/executions/{execution['id']}/output",
+                                 params={"stream": "stdout"})  # fmt: skip
+    assert raw.content == produced[:32768] + produced[-32768:]
+    detail = await cluster.execution(execution["id"])
+    assert detail["stdout_omitted_bytes"] == len(produced) - 65536
+    assert detail["stdout"].startswith("1\n2\n3\n") and detail["stdout"].endswith(
+        "199999\n200000\n"
+    )
+    assert f"{len(produced) - 65536} bytes omitted" in detail["stdout"]
+    assert (detail["stderr"], detail["stderr_omitted_bytes"]) == ("tail-err\n", 0)
