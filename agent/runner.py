@@ -105,6 +105,7 @@ class ProcessRunner:
         grace_s = run.kill_grace_ms / 1000 if run.kill_grace_ms else settings.default_kill_grace_s
         limit = run.output_limit_bytes or settings.default_output_limit_bytes
         try:
+            spawned_at, spawned_ns = trio.current_time(), time.monotonic_ns()
             process = await trio.lowlevel.open_process(
                 [SHELL, "-c", run.script, ARGV0, *run.args],
                 stdin=subprocess.DEVNULL,
@@ -120,7 +121,7 @@ class ProcessRunner:
             return pb.Finished(
                 outcome=pb.Outcome.SPAWN_ERROR, error=f"could not start {SHELL}{where}: {reason}"
             )
-        child = _Child(process)
+        child = _Child(process, spawned_at=spawned_at, spawned_ns=spawned_ns)
         assert process.stdout is not None and process.stderr is not None
         pumps = (
             _OutputPump(pb.OutputStream.STDOUT, process.stdout, limit, settings, report),
@@ -214,11 +215,13 @@ class ProcessRunner:
 class _Child:
     """The spawned shell: its group id, and when it started and ended on the monotonic clock."""
 
-    def __init__(self, process: trio.Process) -> None:
+    def __init__(self, process: trio.Process, *, spawned_at: float, spawned_ns: int) -> None:
         self.process = process
         self.pgid = process.pid  # start_new_session: the shell leads its own group
-        self.spawned_at = trio.current_time()
-        self._spawned_ns = time.monotonic_ns()
+        # Taken just before the spawn: the child runs before open_process returns, so a later
+        # stamp would report a duration shorter than the command really ran.
+        self.spawned_at = spawned_at
+        self._spawned_ns = spawned_ns
         self._exited_ns: int | None = None
 
     async def wait(self) -> None:
