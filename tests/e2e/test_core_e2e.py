@@ -375,3 +375,44 @@ async def test_big_output_keeps_exactly_the_head_and_the_tail(cluster: Cluster) 
     )
     assert f"{len(produced) - 65536} bytes omitted" in detail["stdout"]
     assert (detail["stderr"], detail["stderr_omitted_bytes"]) == ("tail-err\n", 0)
+
+
+async def test_sigterm_stops_the_daemon_cleanly_and_work_resumes(cluster: Cluster) -> None:
+    await cluster.start_daemon()
+    await cluster.start_agents("s1", "s2")
+    task_id = await cluster.run_task(["s1", "s2"], "sleep 1.5; echo done")
+    await cluster.wait_executions(
+        task_id, lambda items: all(e["status"] == "running" for e in items)
+    )
+    assert cluster.daemon is not None
+    assert await cluster.daemon.kill(signal.SIGTERM) == 0
+    log = cluster.daemon.log_text()
+    assert "the writer has flushed; dispatchd stopped" in log and "Traceback" not in log
+    await cluster.start_daemon()
+    task = await cluster.wait_task(task_id)
+    rows = await cluster.executions(task_id)
+    assert task["status"] == "completed"
+    assert {(e["status"], e["exit_code"], e["stdout_bytes"]) for e in rows} == {("succeeded", 0, 5)}
+
+
+async def test_an_agent_restarted_after_kill_9_cleans_up_and_reports(cluster: Cluster) -> None:
+    await cluster.start_daemon()
+    await cluster.start_agents("x1")
+    task_id = await cluster.run_task(["x1"], "echo $$; sleep 60 & echo $!; wait")
+    (execution,) = await cluster.wait_executions(
+        task_id, lambda items: items[0]["status"] == "running"
+    )
+    pids = [int(p) for p in await cluster.wait_stdout_lines(execution["id"], 2)]
+    await cluster.agents["x1"].kill(signal.SIGKILL)
+    assert all(alive(pid) for pid in pids)  # nobody killed them yet
+    await cluster.start_agent("x1")  # within the grace, same state directory
+    task = await cluster.wait_task(task_id)
+    detail = await cluster.execution(execution["id"])
+    assert (task["status"], detail["status"], detail["reason"], detail["exit_code"]) == (
+        "failed",
+        "failed",
+        "agent_restart",
+        None,
+    )
+    assert "agent restarted" in detail["error"]
+    assert await wait_gone(pids) == []
