@@ -244,8 +244,10 @@ class SessionManager:
                 heartbeat_ttl_ms=int(self._heartbeat_ttl_s * 1000),
                 daemon_version=self._daemon_version,
             )
-            await link.send(pb.ServerMessage(welcome=welcome))
+            # Registered before the welcome: an agent that has its welcome is connected. What the
+            # dispatcher queues meanwhile leaves after it (the send loop starts in serve()).
             await self._registry.attach(session)
+            await link.send(pb.ServerMessage(welcome=welcome))
             await session.serve()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             session.close(f"connection lost ({exc})")

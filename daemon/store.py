@@ -55,12 +55,44 @@ class Host(_Model):
     id = TextField(primary_key=True)
     hostname = TextField(default="")
     labels = TextField(default="{}")  # JSON object of strings
-    status = TextField(default="offline", index=True)
+    status = TextField(default="offline", index=True)  # online | offline (a live stream or not)
+    # pending | approved | rejected | revoked: whether this host may run anything
+    enrollment = TextField(default="approved", index=True)
+    credential_hash = TextField(null=True)  # sha256 of the per-host credential issued at enrolment
+    credential_issued_at = DoubleField(null=True)
     agent_version = TextField(default="")
     address = TextField(default="")
     first_seen_at = DoubleField()
     connected_at = DoubleField(null=True)
     last_seen_at = DoubleField(null=True)
+
+
+class ApiToken(_Model):
+    """A bearer token for the HTTP API; only its sha256 is kept."""
+
+    id = BigAutoField()
+    name = TextField(unique=True)
+    role = TextField()  # viewer | operator | admin
+    token_hash = TextField(unique=True)
+    created_at = DoubleField()
+    created_by = TextField()
+    revoked_at = DoubleField(null=True)
+    last_used_at = DoubleField(null=True)
+
+
+class AuditEvent(_Model):
+    """Who did what, when, from where: every state-changing call and every refusal."""
+
+    id = BigAutoField()
+    at = DoubleField(index=True)
+    actor = TextField(index=True)  # "token:<name>", "agent:<host id>", "anonymous", "unknown"
+    role = TextField(null=True)
+    action = TextField(index=True)  # e.g. task.create, host.approve, auth.denied, agent.refused
+    target = TextField(null=True)  # task id, host id, token name, route
+    outcome = TextField()  # attempted | ok | denied | failed
+    status = IntegerField(null=True)  # the HTTP status answered, when there is one
+    address = TextField(default="")
+    details = TextField(default="{}")  # JSON
 
 
 class HostConnection(_Model):
@@ -163,6 +195,8 @@ class OutputChunk(_Model):
 MODELS: Sequence[type[Model]] = (
     SchemaVersion,
     Host,
+    ApiToken,
+    AuditEvent,
     HostConnection,
     Task,
     Command,

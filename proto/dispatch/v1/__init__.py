@@ -311,6 +311,13 @@ default_message_pool.register_message("dispatch.v1", "Output", Output)
 
 @dataclass(eq=False, repr=False)
 class Refusal(betterproto2.Message):
+    """
+    Sent before the daemon ends a stream it will not serve; the stream then ends with a gRPC
+    status. Codes: "unauthenticated" (wrong or missing credential), "pending_approval" (enrolled,
+    waiting for an administrator; retry later), "rejected", "revoked", "enrolled" (this host has a
+    credential: the enrolment token no longer works for it), "invalid_argument", "replaced".
+    """
+
     code: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     message: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -412,6 +419,12 @@ class Welcome(betterproto2.Message):
     heartbeat_ttl_ms: "int" = betterproto2.field(3, betterproto2.TYPE_UINT32)
 
     daemon_version: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+
+    credential: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    Set once, when the daemon enrols this host: the per-host credential the agent must keep in
+    its state directory and present (instead of the enrolment token) on every later connection.
+    """
 
 
 default_message_pool.register_message("dispatch.v1", "Welcome", Welcome)
