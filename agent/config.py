@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.settings import SettingsError, check, load_settings, setting
+from common.tls import client_context
 
 ENV_PREFIX = "DISPATCH_AGENT_"
 KIB = 1024
@@ -47,6 +48,18 @@ class AgentConfig:
         metavar="DIR",
     )
     max_parallel: int = setting(8, help="commands run at the same time", metavar="N")
+    tls_ca: Path | None = setting(
+        None,
+        help="PEM CA certificates that verify the daemon (default: the system's CAs)",
+        metavar="FILE",
+    )
+    tls_cert: Path | None = setting(
+        None, help="PEM client certificate, for a daemon that requires mutual TLS", metavar="FILE"
+    )
+    tls_key: Path | None = setting(None, help="PEM private key of --tls-cert", metavar="FILE")
+    plaintext: bool = setting(
+        False, help="connect without TLS (only to a daemon started with --plaintext)"
+    )
 
     reconnect_min_s: float = setting(0.5, help="first reconnect backoff step")
     reconnect_max_s: float = setting(30.0, help="longest reconnect backoff")
@@ -67,6 +80,17 @@ class AgentConfig:
         1 * MIB, help="per-stream output limit when a run does not set one"
     )
     kill_grace_s: float = setting(5.0, help="SIGTERM to SIGKILL delay when a run does not set one")
+    cgroups: bool = setting(
+        True,
+        help="run each command in its own cgroup v2 (killed with cgroup.kill) where the machine "
+        "allows it; --no-cgroups: process groups only",
+    )
+    cgroup_root: Path | None = setting(
+        None,
+        help="cgroup v2 directory under which the agent makes its command cgroups (default: the "
+        "agent's own cgroup)",
+        metavar="DIR",
+    )
     pipe_drain_s: float = setting(
         2.0, help="how long output is still read after the main process exited"
     )
@@ -92,9 +116,24 @@ class AgentConfig:
             "--token",
             "give --token or --token-file, not both",
         )
+        check(
+            (self.tls_cert is None) == (self.tls_key is None),
+            "--tls-cert" if self.tls_cert is None else "--tls-key",
+            "--tls-cert and --tls-key go together",
+        )
+        check(
+            not self.plaintext or (self.tls_ca, self.tls_cert) == (None, None),
+            "--plaintext",
+            "give --plaintext or the --tls-* options, not both",
+        )
         check(bool(self.host_id.strip()), "--host-id", "must not be empty")
         check("/" not in self.host_id, "--host-id", "must not contain '/'")
         check(1 <= self.max_parallel <= 10_000, "--max-parallel", "must be between 1 and 10000")
+        check(
+            self.cgroup_root is None or self.cgroup_root.is_absolute(),
+            "--cgroup-root",
+            "must be an absolute path",
+        )
         check(self.reconnect_min_s > 0, "--reconnect-min-s", "must be positive")
         check(
             self.reconnect_max_s >= self.reconnect_min_s,
@@ -156,6 +195,8 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Agent
         description="Run the commands dispatchd sends to this host and report their results.",
         env_prefix=ENV_PREFIX,
     )
+    if not config.plaintext:  # unreadable TLS files stop start-up here, with the option named
+        client_context(config.tls_ca, config.tls_cert, config.tls_key)
     if config.token_file is None:
         return config
     try:

@@ -8,6 +8,8 @@ then the connection goes. ``run_agent`` is the program: that, until SIGTERM or S
 The connection loop dials, says Hello, waits for Welcome (or Refusal), then runs one
 ``session.Session`` until the stream ends or goes silent, and dials again after a backoff with
 full jitter, so a fleet reconnecting after a daemon restart spreads out instead of stampeding.
+Each attempt presents what ``agent.credential.Credentials`` says (the host's own credential, or
+the enrolment token while it has none); a refusal waits the longest backoff.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import random
 import signal
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -25,11 +28,14 @@ import betterproto2
 import trio
 
 from agent import __version__, grpc_bridge
+from agent.cgroups import AgentCgroups, open_cgroups
 from agent.config import AgentConfig
+from agent.credential import CredentialFile, Credentials
 from agent.journal import Journal, JournalStatistics, open_journal
 from agent.runner import ProcessRunner, Runner, RunnerSettings
 from agent.session import Session, agent_message
 from agent.worker import Worker, WorkerStatistics, finish_interrupted
+from common import tls
 from common.link import Link
 from proto.dispatch import v1 as pb
 
@@ -78,25 +84,39 @@ class _HandshakeFailed(Exception):
         self.refused = refused
 
 
-def runner_settings(config: AgentConfig) -> RunnerSettings:
+def runner_settings(config: AgentConfig, cgroups: AgentCgroups | None = None) -> RunnerSettings:
     return RunnerSettings(
         chunk_bytes=config.output_chunk_bytes,
         flush_s=config.output_flush_s,
         default_output_limit_bytes=config.output_limit_bytes,
         default_kill_grace_s=config.kill_grace_s,
         pipe_drain_s=config.pipe_drain_s,
+        cgroups=cgroups,
     )
 
 
-def stream_opener(config: AgentConfig) -> Connect:
-    """How the agent dials the daemon: a real gRPC stream to ``config.server``."""
-    return functools.partial(
-        grpc_bridge.open_stream,
-        config.server,
-        config.token,
-        max_message_bytes=config.max_message_bytes,
-        connect_timeout_s=config.connect_timeout_s,
-    )
+def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
+    """The TLS context the agent dials with; None with ``--plaintext``."""
+    if config.plaintext:
+        return None
+    return tls.client_context(config.tls_ca, config.tls_cert, config.tls_key)
+
+
+def stream_opener(config: AgentConfig, credential: Callable[[], str | None]) -> Connect:
+    """How the agent dials the daemon: a real gRPC stream to ``config.server``, presenting what
+    ``credential()`` says at each attempt."""
+    context = tls_context(config)
+
+    def connect() -> AbstractAsyncContextManager[Link]:
+        return grpc_bridge.open_stream(
+            config.server,
+            credential(),
+            max_message_bytes=config.max_message_bytes,
+            connect_timeout_s=config.connect_timeout_s,
+            tls=context,
+        )
+
+    return connect
 
 
 class Agent:
@@ -107,13 +127,16 @@ class Agent:
         config: AgentConfig,
         journal: Journal,
         worker: Worker,
-        connect: Connect,
+        connect: Connect | None,
         rng: random.Random,
     ) -> None:
         self.config = config
         self.journal = journal
         self.worker = worker
-        self._connect = connect
+        self.credentials = Credentials(
+            CredentialFile(config.journal_dir), config.token, config.host_id
+        )
+        self._connect = connect or stream_opener(config, self.credentials.to_present)
         self._backoff = Backoff(config.reconnect_min_s, config.reconnect_max_s, rng)
         self._sessions = 0
         self._connected = trio.Event()
@@ -219,6 +242,7 @@ class Agent:
             kind, value = betterproto2.which_one_of(first, "kind")
             if kind == "welcome":
                 assert isinstance(value, pb.Welcome)
+                await self.credentials.welcomed(value)
                 logger.info(
                     "host %s: connected to %s (daemon %s) as %s",
                     self.host_id,
@@ -229,12 +253,7 @@ class Agent:
                 return value
             if kind == "refusal":
                 assert isinstance(value, pb.Refusal)
-                logger.error(
-                    "host %s: the daemon refused the connection: %s: %s",
-                    self.host_id,
-                    value.code,
-                    value.message,
-                )
+                self.credentials.refused(value)
                 raise _HandshakeFailed(f"refused ({value.code})", refused=True)
             raise _HandshakeFailed(f"expected Welcome, got {kind or 'an empty message'}")
         raise _HandshakeFailed(f"no Welcome within {timeout_s:.1f} s")
@@ -262,15 +281,26 @@ async def open_agent(
         compact_bytes=config.journal_compact_bytes,
         remembered_ids=config.remembered_ids,
     ) as journal:
-        await finish_interrupted(journal, kill_grace_s=config.kill_grace_s)
+        setup = await trio.to_thread.run_sync(
+            functools.partial(
+                open_cgroups,
+                enabled=config.cgroups and runner is None,
+                root=config.cgroup_root,
+                host_id=config.host_id,
+                state_dir=config.journal_dir,
+            )
+        )
+        if runner is None:
+            log = logger.warning if config.cgroups and setup.cgroups is None else logger.info
+            log("host %s: on timeout or cancel, commands are killed by %s", config.host_id,
+                setup.mechanism)  # fmt: skip
+        await finish_interrupted(journal, kill_grace_s=config.kill_grace_s, cgroups=setup.recovery)
         worker = Worker(
             journal,
-            runner or ProcessRunner(runner_settings(config)),
+            runner or ProcessRunner(runner_settings(config, setup.cgroups)),
             max_parallel=config.max_parallel,
         )
-        agent = Agent(
-            config, journal, worker, connect or stream_opener(config), rng or random.Random()
-        )
+        agent = Agent(config, journal, worker, connect, rng or random.Random())
         async with trio.open_nursery() as nursery:
             await nursery.start(worker.serve)
             await nursery.start(agent.serve_connections)

@@ -9,6 +9,7 @@ task; it carries no deadline, since it is meant to stay open for as long as the 
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -41,16 +42,18 @@ async def open_stream(
     *,
     max_message_bytes: int,
     connect_timeout_s: float = 10.0,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[StreamLink]:
-    """A stream to the daemon's ``Connect``, request headers sent; closed on exit.
+    """A stream to the daemon's ``Connect``, request headers sent; closed on exit. ``tls``
+    (``common.tls.client_context``) connects over TLS, verifying the daemon; None, in plaintext.
 
-    Failing to connect (refused, unreachable, no answer within ``connect_timeout_s``) raises
-    ``trio.BrokenResourceError``.
+    Failing to connect (refused, unreachable, a TLS handshake that fails, no answer within
+    ``connect_timeout_s``) raises ``trio.BrokenResourceError``.
     """
     host, port = split_server(server)
     metadata = {"authorization": f"Bearer {token}"} if token else None
     with mapped_errors(f"connect to {server}"):
-        channel: grpclib.client.Channel = await aio(_make_channel)(host, port)
+        channel: grpclib.client.Channel = await aio(_make_channel)(host, port, tls)
     try:
         with mapped_errors(f"connect to {server}"):
             stream = await aio(_enter_stream)(channel, metadata)
@@ -84,8 +87,10 @@ async def _quietly(fn: Any, *args: Any) -> None:
 # trio context or at import time.
 
 
-async def _make_channel(host: str, port: int) -> grpclib.client.Channel:
-    return grpclib.client.Channel(host, port)
+async def _make_channel(
+    host: str, port: int, tls: ssl.SSLContext | None
+) -> grpclib.client.Channel:
+    return grpclib.client.Channel(host, port, ssl=tls)
 
 
 async def _enter_stream(

@@ -1,5 +1,8 @@
 """Process groups: how the agent stops a command together with everything it started.
 
+Where the agent has cgroups (``agent.cgroups``), the command's cgroup is signalled together with
+its group, which also reaches what left the session; without, the group is all there is.
+
 Every command runs as the leader of its own session, so its process group id equals its pid and
 ``killpg`` reaches the background jobs it spawned too (trio's default cancel signals only the
 direct child). What the journal records about a running command is a ``ProcessInfo``, enough to
@@ -15,6 +18,8 @@ import signal
 from dataclasses import dataclass
 
 import trio
+
+from agent.cgroups import CommandCgroup
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,36 @@ class KillResult(enum.Enum):
 
     def describe(self, grace_s: float) -> str:
         return self.value.format(grace=grace_s)
+
+
+@dataclass(frozen=True, slots=True)
+class KillReport:
+    """How a kill went: ``result``, whether the process group still existed when it began
+    (``group``), and how many members of the command's cgroup were outside the group then
+    (``escaped``: what a process-group kill alone would have missed)."""
+
+    result: KillResult
+    group: bool = True
+    escaped: int = 0
+
+    def describe(self, grace_s: float) -> str:
+        if self.result is KillResult.ALREADY_GONE:
+            return self.result.describe(grace_s)
+        how = (
+            "SIGTERM"
+            if self.result is KillResult.TERMINATED
+            else (f"SIGTERM, then SIGKILL after {grace_s:.1f} s")
+        )
+        others = f"{self.escaped} process{'es' if self.escaped != 1 else ''}"
+        if not self.group:
+            return (
+                f"the process group had already exited; {others} left in the command's "
+                f"cgroup killed ({how})"
+            )
+        text = f"process group killed ({how})"
+        if self.escaped:
+            text += f", and {others} that had left it, through the command's cgroup"
+        return text
 
 
 def read_start_time(pid: int) -> int:
@@ -100,23 +135,83 @@ def signal_group(pgid: int, signum: int) -> bool:
     return True
 
 
-async def kill_process_group(pgid: int, *, grace_s: float) -> KillResult:
-    """SIGTERM the group, wait up to ``grace_s`` while it has members, then SIGKILL it.
+async def kill_process_group(
+    pgid: int | None,
+    *,
+    grace_s: float,
+    cgroup: CommandCgroup | None = None,
+    reap_timeout_s: float = 5.0,
+) -> KillReport:
+    """SIGTERM the group (and every member of ``cgroup``), wait up to ``grace_s`` while any of
+    them lives, then SIGKILL the group and ``cgroup.kill`` the cgroup.
 
-    A zombie leader still counts as a member: whoever spawned it must reap it concurrently (the
-    runner does) or this always waits the full grace.
+    ``pgid`` None: the group is not (or no longer provably) the command's; only the cgroup is
+    signalled. A zombie leader still counts as a member of its group: whoever spawned it must
+    reap it concurrently (the runner does) or this always waits the full grace. After SIGKILL it
+    waits up to ``reap_timeout_s`` for the cgroup to empty, so the caller can remove it.
     """
-    if not signal_group(pgid, signal.SIGTERM):
-        return KillResult.ALREADY_GONE
+    # Counted before any signal: a process that died is in no group any more.
+    outside = [pid for pid in cgroup.pids() if _group_of(pid) != pgid] if cgroup else []
+    group = pgid is not None and signal_group(pgid, signal.SIGTERM)
+    escaped = len(cgroup.signal(signal.SIGTERM)) if cgroup is not None and not group else 0
+    if cgroup is not None and group:
+        cgroup.signal(signal.SIGTERM)
+        escaped = len(outside)
+    if not group and not escaped:
+        return KillReport(KillResult.ALREADY_GONE, group=False)
     with trio.move_on_after(grace_s):
-        # The kernel has no notification for "this group is empty": poll it.
-        while group_exists(pgid):  # noqa: ASYNC110
+        # The kernel has no notification for "this group is empty": poll it. With a cgroup, its
+        # ``populated`` is the exact answer: every member of the group is in it, and unlike the
+        # group it does not count zombies (an orphan waiting for a slow init to reap it).
+        while _alive(pgid if group else None, cgroup):  # noqa: ASYNC110
             await trio.sleep(_POLL_S)
-        return KillResult.TERMINATED
-    # Checked just above: the group existed a moment ago, so its id is still allocated to it.
-    if not signal_group(pgid, signal.SIGKILL):
-        return KillResult.TERMINATED
-    return KillResult.KILLED
+        return KillReport(KillResult.TERMINATED, group=group, escaped=escaped)
+    if cgroup is not None:
+        cgroup.kill()
+    # Only a group that exists still has its id allocated to it: never signal a reused one.
+    if group and pgid is not None and group_exists(pgid):
+        signal_group(pgid, signal.SIGKILL)
+    if cgroup is not None:
+        with trio.move_on_after(reap_timeout_s):
+            while cgroup.populated():  # noqa: ASYNC110 (cgroup.events has no trio wake-up)
+                await trio.sleep(_POLL_S)
+    return KillReport(KillResult.KILLED, group=group, escaped=escaped)
+
+
+def _alive(pgid: int | None, cgroup: CommandCgroup | None) -> bool:
+    if cgroup is not None:
+        return cgroup.populated()
+    return pgid is not None and group_has_live_members(pgid)
+
+
+def group_has_live_members(pgid: int) -> bool:
+    """Whether a process of the group is still alive (not a zombie).
+
+    ``killpg(pgid, 0)`` also succeeds for zombies: an orphan of the command waits as one until
+    init reaps it, which a container's init may do late or never. So this reads procfs (kernel
+    memory, no disk): one small file per process on the machine, only while a kill waits.
+    """
+    if not group_exists(pgid):
+        return False
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
+            return True
+    return False
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def _safe_to_signal(pgid: int) -> bool:

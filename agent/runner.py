@@ -1,5 +1,12 @@
-"""Running one command: ``/bin/sh -c SCRIPT dispatch ARG...`` in its own session, its output
-read, coalesced and capped, its whole process group killed on timeout or stop.
+"""Running one command: ``/bin/sh -c SCRIPT dispatch ARG...`` in its own session (and, where the
+agent has cgroups, in its own cgroup), its output read, coalesced and capped, its whole process
+group (and cgroup) killed on timeout or stop.
+
+With a cgroup, the shell is first started as a *gate*, ``/bin/sh -c 'read -r _ || exit 125; exec
+/bin/sh -c "$0" "$@" </dev/null' SCRIPT dispatch ARG...``: it waits on its stdin until the agent
+has moved it into the cgroup (and journaled its pid), then becomes the command, with the same pid
+and stdin from /dev/null. So nothing the script starts can be outside the cgroup, and a script
+whose start was not journaled never runs (an agent dying at that moment closes the gate's pipe).
 
 A runner is any ``Runner`` callable: the worker hands it the Run, a ``RunReport`` to tell what
 happened and a ``Stop`` that asks it to end early; it returns the ``Finished`` record. The real
@@ -22,13 +29,22 @@ from typing import Protocol
 
 import trio
 
-from agent.process_group import KillResult, ProcessInfo, describe_process, kill_process_group
+from agent.cgroups import AgentCgroups, CommandCgroup
+from agent.process_group import (
+    KillReport,
+    KillResult,
+    ProcessInfo,
+    describe_process,
+    kill_process_group,
+)
 from proto.dispatch import v1 as pb
 
 logger = logging.getLogger(__name__)
 
 SHELL = "/bin/sh"
 ARGV0 = "dispatch"  # $0 of the script; its arguments are $1...
+# Run as ``sh -c GATE SCRIPT dispatch ARG...``; see the module docstring.
+GATE = 'read -r _ || exit 125; exec /bin/sh -c "$0" "$@" </dev/null'
 
 
 class RunReport(Protocol):
@@ -92,6 +108,8 @@ class RunnerSettings:
     pipe_drain_s: float = 2.0
     # After SIGKILL, how long to wait for the kernel to let the process go (D state, NFS...).
     reap_timeout_s: float = 5.0
+    # A cgroup per command (None: process groups only); see ``agent.cgroups``.
+    cgroups: AgentCgroups | None = None
 
 
 class ProcessRunner:
@@ -104,11 +122,13 @@ class ProcessRunner:
         settings = self._settings
         grace_s = run.kill_grace_ms / 1000 if run.kill_grace_ms else settings.default_kill_grace_s
         limit = run.output_limit_bytes or settings.default_output_limit_bytes
+        cgroup = self._new_cgroup(run.command_host_id)
         try:
             spawned_at, spawned_ns = trio.current_time(), time.monotonic_ns()
+            gate = [SHELL, "-c", GATE] if cgroup is not None else [SHELL, "-c"]
             process = await trio.lowlevel.open_process(
-                [SHELL, "-c", run.script, ARGV0, *run.args],
-                stdin=subprocess.DEVNULL,
+                [*gate, run.script, ARGV0, *run.args],
+                stdin=subprocess.DEVNULL if cgroup is None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=run.cwd or None,
@@ -116,12 +136,15 @@ class ProcessRunner:
                 start_new_session=True,
             )
         except (OSError, ValueError) as exc:
+            self._done_with(cgroup)
             where = f" in {run.cwd}" if run.cwd else ""
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return pb.Finished(
                 outcome=pb.Outcome.SPAWN_ERROR, error=f"could not start {SHELL}{where}: {reason}"
             )
         child = _Child(process, spawned_at=spawned_at, spawned_ns=spawned_ns)
+        if cgroup is not None:
+            child.cgroup = await self._enter(cgroup, process.pid, run.command_host_id)
         assert process.stdout is not None and process.stderr is not None
         pumps = (
             _OutputPump(pb.OutputStream.STDOUT, process.stdout, limit, settings, report),
@@ -129,6 +152,7 @@ class ProcessRunner:
         )
         try:
             await report.started(process.pid, describe_process(process.pid))
+            await _open_gate(process)
             async with trio.open_nursery() as nursery:
                 for pump in pumps:
                     nursery.start_soon(pump.run)
@@ -144,15 +168,69 @@ class ProcessRunner:
                 await pump.finish()
         finally:
             with trio.CancelScope(shield=True):
+                if process.stdin is not None:  # a gate never opened stays shut
+                    await process.stdin.aclose()
                 if process.returncode is None:  # cancelled from outside: still kill it all
                     await self._kill(child, grace_s, run.command_host_id)
                 for pipe in (process.stdout, process.stderr):
                     await pipe.aclose()
+                self._done_with(child.cgroup, run.command_host_id)
         return self._finished(child, run, outcome, killed, grace_s, stop, pumps)
+
+    def _new_cgroup(self, command_host_id: int) -> CommandCgroup | None:
+        cgroups = self._settings.cgroups
+        if cgroups is None:
+            return None
+        try:
+            return cgroups.create(command_host_id)
+        except OSError as exc:
+            logger.warning(
+                "command_host %d: no cgroup of its own (%s); only its process group will be "
+                "killed on timeout or cancel",
+                command_host_id,
+                exc.strerror or exc,
+            )
+            return None
+
+    async def _enter(
+        self, cgroup: CommandCgroup, pid: int, command_host_id: int
+    ) -> CommandCgroup | None:
+        assert self._settings.cgroups is not None
+        try:
+            await self._settings.cgroups.place(cgroup, pid)
+        except OSError as exc:
+            logger.warning(
+                "command_host %d: could not move pid %d into %s (%s); only its process group "
+                "will be killed on timeout or cancel",
+                command_host_id,
+                pid,
+                cgroup.path,
+                exc.strerror or exc,
+            )
+            self._done_with(cgroup)
+            return None
+        return cgroup
+
+    def _done_with(self, cgroup: CommandCgroup | None, command_host_id: int = 0) -> None:
+        """The command is over: remove its cgroup once empty (a killed command's is; what a
+        command that exited by itself left running stays in it, and it is removed later)."""
+        cgroups = self._settings.cgroups
+        if cgroup is None or cgroups is None:
+            return
+        cgroups.release(cgroup)
+        still = cgroup.pids()
+        if still:
+            logger.info(
+                "command_host %d: %d processes it started are still running (in %s); they are "
+                "left alone and the cgroup is removed once they are gone",
+                command_host_id,
+                len(still),
+                cgroup.path,
+            )
 
     async def _supervise(
         self, child: _Child, run: pb.Run, stop: Stop, grace_s: float
-    ) -> tuple[pb.Outcome, KillResult | None]:
+    ) -> tuple[pb.Outcome, KillReport | None]:
         timeout_s = run.timeout_ms / 1000 if run.timeout_ms else math.inf
         with trio.move_on_at(child.spawned_at + timeout_s), stop.cancels():
             await child.wait()
@@ -164,13 +242,16 @@ class ProcessRunner:
             killed = await self._kill(child, grace_s, run.command_host_id)
         return outcome, killed
 
-    async def _kill(self, child: _Child, grace_s: float, command_host_id: int) -> KillResult:
-        result = KillResult.ALREADY_GONE
-        with trio.move_on_after(grace_s + self._settings.reap_timeout_s) as bound:
+    async def _kill(self, child: _Child, grace_s: float, command_host_id: int) -> KillReport:
+        result = KillReport(KillResult.ALREADY_GONE)
+        reap_s = self._settings.reap_timeout_s
+        with trio.move_on_after(grace_s + reap_s) as bound:
             async with trio.open_nursery() as nursery:
                 # Reaping runs alongside: a zombie leader would keep the group "alive".
                 nursery.start_soon(child.wait)
-                result = await kill_process_group(child.pgid, grace_s=grace_s)
+                result = await kill_process_group(
+                    child.pgid, grace_s=grace_s, cgroup=child.cgroup, reap_timeout_s=reap_s
+                )
         if bound.cancelled_caught:
             logger.error(
                 "command_host %d: pid %d did not exit after SIGKILL; giving up on it",
@@ -184,7 +265,7 @@ class ProcessRunner:
         child: _Child,
         run: pb.Run,
         outcome: pb.Outcome,
-        killed: KillResult | None,
+        killed: KillReport | None,
         grace_s: float,
         stop: Stop,
         pumps: tuple[_OutputPump, _OutputPump],
@@ -218,6 +299,7 @@ class _Child:
     def __init__(self, process: trio.Process, *, spawned_at: float, spawned_ns: int) -> None:
         self.process = process
         self.pgid = process.pid  # start_new_session: the shell leads its own group
+        self.cgroup: CommandCgroup | None = None
         # Taken just before the spawn: the child runs before open_process returns, so a later
         # stamp would report a duration shorter than the command really ran.
         self.spawned_at = spawned_at
@@ -240,6 +322,15 @@ class _Child:
 
     def duration_ns(self) -> int:
         return (self._exited_ns or time.monotonic_ns()) - self._spawned_ns
+
+
+async def _open_gate(process: trio.Process) -> None:
+    """Let a gated shell become the command (see the module docstring)."""
+    if process.stdin is None:
+        return
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await process.stdin.send_all(b"go\n")
+    await process.stdin.aclose()
 
 
 class _OutputPump:

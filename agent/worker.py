@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import trio
 
+from agent.cgroups import AgentCgroups
 from agent.journal import Interrupted, Journal
 from agent.process_group import ProcessInfo, is_still_ours, kill_process_group
 from agent.runner import Runner, Stop
@@ -170,33 +171,65 @@ class Worker:
         )
 
 
-async def finish_interrupted(journal: Journal, *, kill_grace_s: float) -> None:
-    """Close what a previous agent left running: kill its group, journal AGENT_RESTART.
+async def finish_interrupted(
+    journal: Journal, *, kill_grace_s: float, cgroups: AgentCgroups | None = None
+) -> None:
+    """Close what a previous agent left running: kill its group (and its cgroup, when
+    ``cgroups`` has one for it), journal AGENT_RESTART; then remove the empty command cgroups.
 
-    The Finished events are replayed to the daemon like any others.
+    The Finished events are replayed to the daemon like any others. The cgroups of commands
+    that ended normally are not killed: what they left running is theirs to keep.
     """
     interrupted = journal.interrupted()
-    if not interrupted:
-        return
-    async with trio.open_nursery() as nursery:
-        for command in interrupted:
-            nursery.start_soon(_finish_one, journal, command, kill_grace_s)
+    if interrupted:
+        async with trio.open_nursery() as nursery:
+            for command in interrupted:
+                nursery.start_soon(_finish_one, journal, command, kill_grace_s, cgroups)
+    if cgroups is not None:
+        busy = cgroups.sweep()
+        if busy:
+            logger.info(
+                "%d cgroups of commands that ended still hold processes those commands left "
+                "running; they are left alone: %s",
+                len(busy),
+                ", ".join(str(cgroup.path) for cgroup in busy),
+            )
 
 
-async def _finish_one(journal: Journal, command: Interrupted, kill_grace_s: float) -> None:
+async def _finish_one(
+    journal: Journal, command: Interrupted, kill_grace_s: float, cgroups: AgentCgroups | None
+) -> None:
     chid = command.command_host_id
+    cgroup = cgroups.find(chid) if cgroups is not None else None
+    ours = command.process is not None and is_still_ours(command.process)
+    left = cgroup is not None and cgroup.populated()
+    if ours or left:
+        pgid = command.process.pgid if ours and command.process is not None else None
+        logger.warning(
+            "command_host %d: killing %s left by the previous agent",
+            chid,
+            " and ".join(
+                ([f"process group {pgid}"] if pgid else [])
+                + ([f"cgroup {cgroup.path}"] if left and cgroup is not None else [])
+            ),
+        )
+        report = await kill_process_group(
+            pgid, grace_s=kill_grace_s, cgroup=cgroup if left else None
+        )
+        how = report.describe(kill_grace_s)
+    else:
+        how = "its process group was already gone"
+    if cgroup is not None:
+        try:
+            cgroup.remove()
+        except OSError as exc:
+            logger.warning("command_host %d: cannot remove %s: %s", chid, cgroup.path, exc)
     if not command.started:
         error = "agent restarted before the command's start was recorded; it may not have run"
-    elif command.process is not None and is_still_ours(command.process):
-        logger.warning(
-            "command_host %d: killing process group %d left by the previous agent",
-            chid,
-            command.process.pgid,
-        )
-        result = await kill_process_group(command.process.pgid, grace_s=kill_grace_s)
-        error = f"agent restarted while the command ran; {result.describe(kill_grace_s)}"
+        if ours or left:
+            error += f" ({how})"
     else:
-        error = "agent restarted while the command ran; its process group was already gone"
+        error = f"agent restarted while the command ran; {how}"
     finished = pb.Finished(
         outcome=pb.Outcome.AGENT_RESTART,
         error=error,

@@ -19,11 +19,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpclib.const
+import grpclib.encoding.proto
 import grpclib.exceptions
 import grpclib.stream
 import h2.exceptions
 import trio
 import trio_asyncio
+
+from common.link import MalformedMessage, MessageTooLarge
 
 T = TypeVar("T")
 
@@ -65,8 +68,20 @@ def trio_handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
     return trio_asyncio.trio_as_aio(fn)  # type: ignore[no-any-return]
 
 
-class MessageTooLarge(trio.BrokenResourceError):
-    """A peer announced a message over the configured maximum; the stream is closed."""
+class StrictProtoCodec(grpclib.encoding.proto.ProtoCodec):
+    """betterproto2 decodes leniently (a field sent with another wire type comes out as a list,
+    an unknown wire type as None) and raises assorted errors on truncated input; here a message
+    that does not decode, or does not encode back, is a ``MalformedMessage``."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            message = message_type.FromString(data)
+            bytes(message)
+        except Exception as exc:  # whatever the codec raises: the bytes are not a message
+            raise MalformedMessage(
+                f"not a well-formed {message_type.__name__} ({type(exc).__name__}: {exc})"
+            ) from None
+        return message
 
 
 class StreamLink:
@@ -83,6 +98,7 @@ class StreamLink:
         self._send_lock = trio.Lock()
         self._closed = False
         self._guarded = False
+        self.last_message_bytes = 0  # declared length of the last message received
 
     async def send(self, message: Any) -> None:
         if self._closed:
@@ -95,7 +111,7 @@ class StreamLink:
         if self._closed:
             raise trio.ClosedResourceError("link closed")
         if not self._guarded:  # a client stream has its HTTP/2 stream only once the request is sent
-            _install_size_guard(self._stream, self._max_message_bytes)
+            _install_size_guard(self._stream, self._max_message_bytes, self)
             self._guarded = True
         with mapped_errors(f"receive from {self.peer}"):
             message = await aio(self._stream.recv_message)()
@@ -113,7 +129,7 @@ class StreamLink:
         self._closed = True
 
 
-def _install_size_guard(stream: Any, max_message_bytes: int) -> None:
+def _install_size_guard(stream: Any, max_message_bytes: int, link: StreamLink) -> None:
     """Refuse a message whose declared length is over the limit, before its body is buffered.
 
     grpclib's ``recv_message`` reads every message as ``recv_data(5)`` (flag and big-endian
@@ -133,6 +149,7 @@ def _install_size_guard(stream: Any, max_message_bytes: int) -> None:
         if len(data) == 5:
             expecting_header = False
             (length,) = struct.unpack(">I", data[1:])
+            link.last_message_bytes = length
             if length > max_message_bytes:
                 raise MessageTooLarge(
                     f"message of {length} bytes is over the limit of {max_message_bytes}"

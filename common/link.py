@@ -17,6 +17,14 @@ from typing import Any, Protocol
 import trio
 
 
+class MessageTooLarge(trio.BrokenResourceError):
+    """The peer announced a message over the configured maximum; the stream is closed."""
+
+
+class MalformedMessage(trio.BrokenResourceError):
+    """The peer sent bytes that are not a well-formed message of the stream's type."""
+
+
 class Link(Protocol):
     peer: str
 

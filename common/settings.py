@@ -110,8 +110,9 @@ def load_settings(
         toml=_read_toml(config_path) if config_path else {},
         environ=environ,
         flags={
-            k: v for k, v in vars(args).items() if v is not _NOT_GIVEN and v is not None
-            and k != "config"
+            k: v
+            for k, v in vars(args).items()
+            if v is not _NOT_GIVEN and v is not None and k != "config"
         },  # fmt: skip
         env_prefix=env_prefix,
     )

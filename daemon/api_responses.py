@@ -37,6 +37,9 @@ class HostOut(BaseModel):
     first_seen_at: str | None
     agent_version: str
     address: str
+    enrollment: Literal["pending", "approved", "rejected", "revoked"] = Field(
+        description="only approved hosts connect and can be targeted"
+    )
 
 
 class ConnectionOut(BaseModel):

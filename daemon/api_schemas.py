@@ -9,6 +9,7 @@ script, the page size) are checked against the ``HttpLimits`` passed as validati
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
@@ -37,6 +38,8 @@ class HttpLimits:
     max_label_selectors: int = 32  # entries in targets.labels
     max_commands: int = 20  # commands per task
     max_script_bytes: int = 64 << 10  # one script, UTF-8 encoded
+    max_args: int = 1000  # positional parameters of one command
+    max_env: int = 1000  # environment variables of one command
     max_page_size: int = 1000  # ?limit= upper bound
     default_page_size: int = 100
     max_connections_shown: int = 50  # GET /hosts/{id}: newest connection records
@@ -55,6 +58,7 @@ class HttpLimits:
 
 DEFAULT_LIMITS = HttpLimits()
 MAX_ID = (1 << 63) - 1  # ids are signed 64-bit in the database
+MAX_COUNT = 1_000_000  # max_concurrency, max_failures (32-bit integers in PostgreSQL)
 
 
 def limits_of(info: ValidationInfo) -> HttpLimits:
@@ -113,6 +117,26 @@ class CommandIn(_Strict):
             )
         return value
 
+    @field_validator("args")
+    @classmethod
+    def _args_count(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        limit = limits_of(info).max_args
+        if len(value) > limit:
+            raise PydanticCustomError(
+                "too_many_args", "must have at most {limit} arguments", {"limit": limit}
+            )
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_count(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        limit = limits_of(info).max_env
+        if len(value) > limit:
+            raise PydanticCustomError(
+                "too_many_env", "must have at most {limit} variables", {"limit": limit}
+            )
+        return value
+
     @field_validator("cwd")
     @classmethod
     def _cwd_absolute(cls, value: str) -> str:
@@ -156,12 +180,35 @@ class TargetsIn(_Strict):
 class TaskCreate(_Strict):
     """A task: commands to run, in order, on every target host."""
 
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "restart nginx",
+                    "commands": [{"script": "systemctl restart nginx", "timeout_s": 60}],
+                    "targets": {"hosts": ["web-1"], "labels": {}},
+                    "max_concurrency": 50,
+                    "max_failures": 0,
+                    "start": False,
+                }
+            ]
+        },
+    )
+
     name: Annotated[Text, StringConstraints(min_length=1, max_length=200)]
     commands: list[CommandIn] = Field(min_length=1)
     targets: TargetsIn
-    max_concurrency: int | None = Field(None, ge=1, description="hosts at once; null: no limit")
+    max_concurrency: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="hosts at once; null: no limit"
+    )
     max_failures: int | None = Field(
-        None, ge=0, description="failed hosts tolerated before the rest is cancelled; null: any"
+        None,
+        ge=0,
+        le=MAX_COUNT,
+        description="failed hosts tolerated before the rest is cancelled; null: any",
     )
     delivery_timeout_s: float = Field(
         0.0, ge=0, le=86400, description="wait this long for an offline target; 0: fail at once"
@@ -222,11 +269,15 @@ def _statuses(allowed: type[TaskStatus] | type[ExecStatus]):
     return AfterValidator(check)
 
 
+_LEAP_SECOND = re.compile(r"(T\d\d:\d\d:)60", re.IGNORECASE)
+
+
 def _parse_time(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return parse_rfc3339(value)
+        # RFC 3339 allows a leap second (23:59:60); Python's datetime does not: take :59
+        return parse_rfc3339(_LEAP_SECOND.sub(r"\g<1>59", value, count=1))
     except (ValueError, OverflowError):
         raise PydanticCustomError(
             "rfc3339", "must be an RFC 3339 time such as 2025-05-01T12:00:00Z"
@@ -240,7 +291,7 @@ def _check_page_size(value: int | None, info: ValidationInfo) -> int | None:
     return value
 
 
-Time = Text | None
+Time = Annotated[Text, Field(json_schema_extra={"format": "date-time"})] | None
 Cursor = Annotated[str, StringConstraints(max_length=512)] | None
 
 

@@ -37,12 +37,34 @@ class DaemonConfig:
     http_listen: str = setting(
         "127.0.0.1:8080", help="where the HTTP API and web page listen", metavar="HOST:PORT"
     )
-    agent_token: str | None = setting(None, help="token agents must present", secret=True)
-    agent_token_file: Path | None = setting(None, help="file holding the agent token")
+    agent_token: str | None = setting(
+        None,
+        help="enrolment token: a new agent presents it once and is given its own credential",
+        secret=True,
+    )
+    agent_token_file: Path | None = setting(None, help="file holding the enrolment token")
+    auto_approve: bool = setting(
+        False,
+        help="admit new hosts that present the enrolment token at once, instead of keeping them "
+        "pending until an administrator approves them",
+    )
     api_token: str | None = setting(None, help="bearer token for the HTTP API", secret=True)
     api_token_file: Path | None = setting(None, help="file holding the API token")
     insecure: bool = setting(
         False, help="allow running without agent/API tokens (local trials only)"
+    )
+    tls_cert: Path | None = setting(
+        None, help="PEM certificate (chain) of the agent port; with --tls-key", metavar="FILE"
+    )
+    tls_key: Path | None = setting(None, help="PEM private key of --tls-cert", metavar="FILE")
+    tls_client_ca: Path | None = setting(
+        None,
+        help="PEM CA certificates: agents must present a client certificate signed by one, "
+        "naming their host id (mutual TLS)",
+        metavar="FILE",
+    )
+    plaintext: bool = setting(
+        False, help="serve the agent port without TLS (trusted networks and local trials only)"
     )
 
     max_running_executions: int = setting(
@@ -75,6 +97,14 @@ class DaemonConfig:
     )
     max_message_bytes: int = setting(
         4 * 1024 * 1024, help="largest gRPC message accepted from an agent"
+    )
+    agent_max_messages_per_s: float = setting(
+        500.0,
+        help="messages one agent stream may send per second (bursts of twice that); "
+        "past it the daemon reads that stream more slowly",
+    )
+    agent_max_bytes_per_s: int = setting(
+        32 * 1024 * 1024, help="bytes one agent stream may send per second (bursts of twice that)"
     )
     grpc_backlog: int = setting(4096, help="listen backlog of the agent port (connect storms)")
 
@@ -109,7 +139,8 @@ class DaemonConfig:
             except ValueError as exc:
                 raise SettingsError("--" + name.replace("_", "-"), str(exc)) from None
         positive = (
-            "max_running_executions", "max_running_tasks", "heartbeat_interval_s",
+            "max_running_executions", "agent_max_messages_per_s", "agent_max_bytes_per_s",
+            "max_running_tasks", "heartbeat_interval_s",
             "hello_timeout_s", "max_output_bytes", "max_message_bytes", "grpc_backlog",
             "writer_batch_events", "writer_batch_age_s",
             "writer_queue_items", "db_read_threads", "http_max_body_bytes",
@@ -134,6 +165,21 @@ class DaemonConfig:
             self.db.startswith(("sqlite:///", "postgresql://", "postgres://")),
             "--db",
             "must be sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB",
+        )
+        check(
+            (self.tls_cert is None) == (self.tls_key is None),
+            "--tls-cert" if self.tls_cert is None else "--tls-key",
+            "--tls-cert and --tls-key go together",
+        )
+        check(
+            self.tls_client_ca is None or self.tls_cert is not None,
+            "--tls-client-ca",
+            "needs --tls-cert and --tls-key (mutual TLS is TLS first)",
+        )
+        check(
+            not (self.plaintext and self.tls_cert is not None),
+            "--plaintext",
+            "give --tls-cert/--tls-key or --plaintext, not both",
         )
         for token, token_file in (
             ("agent_token", "agent_token_file"),
@@ -176,6 +222,12 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Daemo
         env_prefix=ENV_PREFIX,
     )
     agent_token, api_token = config.resolved_agent_token(), config.resolved_api_token()
+    if config.tls_cert is None and not config.plaintext:
+        raise SettingsError(
+            "--tls-cert",
+            "the agent port needs TLS: give --tls-cert FILE and --tls-key FILE (and "
+            "--tls-client-ca FILE for mutual TLS), or --plaintext to serve it unencrypted",
+        )
     if not config.insecure:
         if agent_token is None:
             raise SettingsError(

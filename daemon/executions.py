@@ -10,7 +10,9 @@ Who ends an execution, and when:
 - agent connected but silent past timeout + kill grace + margin: a cancel is sent, then
   ``timed_out`` is recorded without its word;
 - the user's cancel: a cancel to the agent; ``cancelled`` once the agent confirms the kill, or
-  after kill grace + margin without confirmation.
+  after kill grace + margin without confirmation;
+- an administrator revoking the host: ``failed`` / ``host_revoked`` at once (``fail_host``), for
+  everything in flight on it; its stream is closed and it will not be heard again.
 Every decision is a conditional write through the writer; the follower then waits for the
 durable end the writer reports (``on_status_changes``), so when an agent's result and a daemon
 decision race, the follower sees the one that was recorded. A daemon shutdown decides nothing:
@@ -166,6 +168,17 @@ class ExecutionFollower:
         for flight in self._by_host.get(host_id, ()):
             flight.poke()
 
+    async def fail_host(self, host_id: str, reason: Reason, message: str) -> int:
+        """Settle every execution in flight on ``host_id`` as ``failed`` / ``reason`` (the host
+        was revoked: nothing it reports counts any more). Returns how many were settled."""
+        ids = sorted(f.id for f in self._by_host.get(host_id, ()) if f.status is None)
+        if ids:
+            logger.warning(
+                "host %s: %d executions in flight settled failed (%s)", host_id, len(ids), reason
+            )
+            await self._writer.settle(ids, ExecStatus.FAILED, reason, message)
+        return len(ids)
+
     # ------------------------------------------------------------------ one execution
 
     async def execute(self, run: TaskContext, planned: PlannedExecution) -> ExecStatus:
@@ -229,8 +242,10 @@ class ExecutionFollower:
         patience = run.plan.delivery_timeout_s
         if patience > 0:
             with trio.move_on_after(patience):
-                await self._registry.wait_connected(flight.host_id)
-                return True
+                # arrivals poke the host's flights; so does a settlement (fail_host) meanwhile
+                while flight.status is None and not self._registry.is_connected(flight.host_id):
+                    await flight.wait_poked()
+                return flight.status is None
             await self._writer.settle(
                 [flight.id],
                 ExecStatus.DISPATCH_FAILED,

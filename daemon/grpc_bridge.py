@@ -1,15 +1,18 @@
 """The agent port: a grpclib server inside the trio daemon (the daemon's only asyncio importer,
 with ``common/grpc_bridge.py``).
 
-Each agent stream becomes one call of a trio-flavored ``handle_stream(link, credential)``; the
-servicer here is a one-line asyncio shim around it. grpclib logs and swallows handler exceptions,
-so the trio side records its own outcomes (``daemon.session``); what it returns here is only how
-the gRPC stream ends.
+Each agent stream becomes one call of a trio-flavored ``handle_stream(link, credential,
+peer_names)``; the servicer here is a one-line asyncio shim around it. ``peer_names`` are the
+names the verified client certificate speaks for (mutual TLS; ``common.tls.peer_names``), None
+without one: the trio side binds the hello's host id to them. grpclib logs and swallows handler
+exceptions, so the trio side records its own outcomes (``daemon.session``); what it returns here
+is only how the gRPC stream ends.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,10 +25,12 @@ from common.grpc_bridge import (
     CONNECT_CARDINALITY,
     CONNECT_ROUTE,
     StreamLink,
+    StrictProtoCodec,
     aio,
     trio_handler,
 )
 from common.link import Link
+from common.tls import peer_names
 from proto.dispatch import v1 as pb
 
 logger = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ _STATUS = {
     "unavailable": grpclib.const.Status.UNAVAILABLE,
 }
 
-StreamHandler = Callable[[Link, str | None], Awaitable[StreamEnd | None]]
+StreamHandler = Callable[[Link, str | None, frozenset[str] | None], Awaitable[StreamEnd | None]]
 
 
 class _AgentService(pb.AgentServiceBase):
@@ -68,8 +73,9 @@ class _AgentService(pb.AgentServiceBase):
         address = stream.peer.addr()
         peer = f"{address[0]}:{address[1]}" if address else "unknown"
         credential = _bearer(stream.metadata)
+        names = peer_names(stream.peer.cert())
         link = StreamLink(stream, peer=peer, max_message_bytes=self._max_message_bytes)
-        end = await self._handle_stream(link, credential)
+        end = await self._handle_stream(link, credential, names)
         if end is not None:
             raise grpclib.exceptions.GRPCError(_STATUS[end.status], end.message)
 
@@ -89,14 +95,21 @@ async def serve_grpc(
     backlog: int,
     max_message_bytes: int,
     close_timeout_s: float,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Trio-flavored. Serve the agent port until cancelled; reports the bound address."""
-    server = grpclib.server.Server([_AgentService(handle_stream, max_message_bytes)])
-    await aio(server.start)(host, port, backlog=backlog, reuse_address=True)
+    """Trio-flavored. Serve the agent port until cancelled; reports the bound address.
+    ``tls`` (``common.tls.server_context``) serves it over TLS; None, in plaintext."""
+    server = grpclib.server.Server(
+        [_AgentService(handle_stream, max_message_bytes)], codec=StrictProtoCodec()
+    )
+    await aio(server.start)(host, port, backlog=backlog, reuse_address=True, ssl=tls)
     sockets = server._server.sockets if server._server is not None else []
     bound = sockets[0].getsockname()[:2] if sockets else (host, port)
-    logger.info("agent port listening on %s:%s", bound[0], bound[1])
+    mode = "plaintext" if tls is None else "TLS"
+    if tls is not None and tls.verify_mode == ssl.CERT_REQUIRED:
+        mode = "mutual TLS"
+    logger.info("agent port listening on %s:%s (%s)", bound[0], bound[1], mode)
     try:
         task_status.started((bound[0], bound[1]))
         await trio.sleep_forever()

@@ -6,8 +6,12 @@ hypercorn's trio worker in the caller's nursery. Requests are validated by the p
 ``Database.read`` into ``daemon.queries``/``daemon.stats``, changes through the task service.
 
 Every route needs ``Authorization: Bearer <token>`` except those marked ``@public``
-(``/healthz``); an ``Authenticate`` function (``bearer_token_auth`` by default) is the one seam
-that decides who the caller is (``g.identity``). Every 4xx/5xx
+(``/healthz``); ``daemon.api_auth`` decides who the caller is (``g.caller``) and whether its role
+may call the route (its one table, ``ROUTES``). A route that changes anything is audited
+(``daemon.audit``): once its request is valid, an ``attempted`` record before the view changes
+anything (``@audited``; 503 if it cannot be written), completed with the outcome after; every
+401 and 403 is recorded too. Requests refused as malformed (400) change nothing and are not
+recorded. Every 4xx/5xx
 answer is ``{"error": {"code", "message", "field"?}}``: unknown routes, wrong methods, malformed
 JSON, oversized bodies and unexpected exceptions (logged with their traceback, answered
 ``internal`` with no details) included.
@@ -15,19 +19,18 @@ JSON, oversized bodies and unexpected exceptions (logged with their traceback, a
 Status codes beyond API.md: 202 with the task for start and cancel, 201 with the new task (and a
 ``Location``) for create (a replay with the same Idempotency-Key and body too) and retry, 400
 ``invalid_request`` with ``field`` for a bad value, 400 ``invalid_json`` for a body that is not
-JSON, 401 ``unauthorized``, 404 ``not_found`` (also for ids that are not ids), 405
-``method_not_allowed``, 408 ``request_timeout``, 413 ``payload_too_large``, 415
-``unsupported_media_type`` (a body that is not application/json), 503 ``unavailable`` (database
-failing, too many event streams).
+JSON, 401 ``unauthorized``, 403 ``forbidden`` (the caller's role is not enough), 404
+``not_found`` (also for ids that are not ids), 405 ``method_not_allowed``, 408
+``request_timeout``, 413 ``payload_too_large``, 415 ``unsupported_media_type`` (a body that is
+not application/json), 503 ``unavailable`` (database failing, the audit log cannot be written,
+too many event streams).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import peewee
@@ -36,13 +39,19 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from quart import Response, g, request
 from quart_schema import QuartSchema
+from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
 from quart_trio import QuartTrio
-from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from daemon import __version__, errors, sse
+from daemon.api_auth import AUDITED_ATTRIBUTE, ApiAccess, Caller, Denied, Forbidden, authorize
+from daemon.api_responses import ErrorBody
 from daemon.api_schemas import DEFAULT_LIMITS, HttpLimits
+from daemon.audit import ATTEMPTED, DENIED, FAILED, OK, AuditLog, AuditRecord
 from daemon.database import Database
+from daemon.host_admin import HostAdmin
+from daemon.http_admin_routes import register_admin_routes
+from daemon.http_connection import DispatchQuart
 from daemon.http_routes import (
     PUBLIC_ATTRIBUTE,
     Services,
@@ -55,49 +64,13 @@ from daemon.http_routes import (
 from daemon.live import LiveHub
 
 __all__ = [
-    "HttpLimits", "Identity", "Services", "TaskService", "bearer_token_auth", "create_app",
-    "public", "serve_http", "services",
+    "Caller", "HttpLimits", "Services", "TaskService", "create_app", "public", "serve_http",
+    "services",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-
-# --- authentication -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who is calling. Roles and per-user tokens come later; they extend this."""
-
-    name: str
-    authenticated: bool
-
-
-Authenticate = Callable[[Headers], Identity]
-
-
-def bearer_token_auth(api_token: str | None) -> Authenticate:
-    """One shared API token, compared in constant time. ``None`` turns authentication OFF:
-    every caller is ``anonymous`` (for development only; the daemon logs a warning)."""
-    if api_token is None:
-        logger.warning("the HTTP API runs WITHOUT authentication (no API token configured)")
-
-        def anonymous(headers: Headers) -> Identity:
-            return Identity("anonymous", authenticated=False)
-
-        return anonymous
-    expected = api_token.encode()
-
-    def authenticate(headers: Headers) -> Identity:
-        scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise errors.Unauthorized("send the API token as 'Authorization: Bearer <token>'")
-        # headers arrive decoded as latin-1: encoding back gives the bytes that were sent
-        if not hmac.compare_digest(token.strip().encode("latin-1"), expected):
-            raise errors.Unauthorized("the API token is not valid")
-        return Identity("api-token", authenticated=True)
-
-    return authenticate
+CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -170,13 +143,17 @@ def create_app(
     api_token: str | None,
     limits: HttpLimits = DEFAULT_LIMITS,
     extra_routes: Callable[[QuartTrio], None] | None = None,
-    authenticate: Authenticate | None = None,
+    access: ApiAccess | None = None,
+    audit: AuditLog | None = None,
+    hosts: HostAdmin | None = None,
 ) -> QuartTrio:
-    """The API app. ``api_token=None`` runs it WITHOUT authentication (development only).
-    ``extra_routes(app)`` adds routes owned elsewhere (``/metrics``, the web page); they need
-    the token too unless decorated with ``@public``. ``authenticate`` replaces the one-token
-    check (``bearer_token_auth(api_token)``) with another way to tell who the caller is."""
-    app = QuartTrio(__name__, static_folder=None)
+    """The API app. ``api_token`` is the bootstrap admin token; ``None`` runs it WITHOUT
+    authentication (development only). ``extra_routes(app)`` adds routes owned elsewhere
+    (``/metrics``, the web page); they need a token too unless decorated with ``@public``, and
+    an entry in ``daemon.api_auth.ROUTES`` (a route without one is refused to everyone).
+    ``access``, ``audit`` and ``hosts`` default to ones over ``database`` alone (no live agent
+    registry: revoking a host then changes only its record)."""
+    app = DispatchQuart(__name__, static_folder=None)
     app.config.update(
         MAX_CONTENT_LENGTH=limits.max_body_bytes,
         BODY_TIMEOUT=limits.body_timeout_s,
@@ -193,23 +170,77 @@ def create_app(
         security_schemes={"bearerAuth": {"type": "http", "scheme": "bearer"}},
         security=[{"bearerAuth": []}],
     )
-    authenticate_caller = authenticate or bearer_token_auth(api_token)
+    access = access or ApiAccess(database, bootstrap_token=api_token)
+    audit = audit or AuditLog(database)
     state = Services(
         database=database,
         tasks=tasks,
         live=live,
         limits=limits,
         event_streams=sse.EventStreams(limits.max_event_streams),
+        access=access,
+        audit=audit,
+        hosts=hosts or HostAdmin(database),
     )
     app.extensions["dispatchd"] = state
 
+    async def record_denial(actor: str, role: str | None, status: int, reason: str) -> None:
+        await audit.record(
+            AuditRecord(
+                actor=actor, action="auth.denied", outcome=DENIED, role=role,
+                target=request.endpoint, status=status, address=request.remote_addr or "",
+                details={"method": request.method, "path": request.path, "reason": reason},
+            )
+        )  # fmt: skip
+
     @app.before_request
-    async def identify_caller() -> None:
+    async def authorize_caller() -> None:
         g.dispatch_limits = limits
         view = app.view_functions.get(request.endpoint) if request.endpoint else None
         if view is not None and getattr(view, PUBLIC_ATTRIBUTE, False):
             return
-        g.identity = authenticate_caller(request.headers)
+        try:
+            caller = await access.authenticate(request.headers)
+        except Denied as denied:
+            await record_denial(denied.actor, None, 401, denied.reason)
+            raise
+        g.caller = caller
+        try:
+            route = authorize(caller, request.endpoint)
+        except Forbidden as forbidden:
+            await record_denial(caller.actor, caller.role.label, 403, forbidden.message)
+            raise
+        if route is None or request.method not in CHANGING_METHODS:
+            return
+        if route.action is None or not getattr(view, AUDITED_ATTRIBUTE, False):
+            # fail closed: a change nobody would account for
+            logger.error("route %r changes state but is not audited", request.endpoint)
+            raise Forbidden("this route is not open to any role")
+        target = next(iter((request.view_args or {}).values()), None)
+        # written by @audited once the request is valid, before the view changes anything
+        g.audit_pending = (
+            audit,
+            AuditRecord(
+                actor=caller.actor, action=route.action, outcome=ATTEMPTED,
+                role=caller.role.label, target=str(target) if target is not None else None,
+                address=request.remote_addr or "",
+                details={"method": request.method, "path": request.path},
+            ),
+        )  # fmt: skip
+
+    @app.after_request
+    async def complete_audit(response: Response) -> Response:
+        event_id = g.pop("audit_event", None)
+        if event_id is not None:
+            status = response.status_code
+            target = g.get("audit_target")
+            if target is None and (location := response.headers.get("Location")):
+                target = location.rstrip("/").rsplit("/", 1)[-1]
+            await audit.complete(
+                event_id, OK if status < 400 else FAILED, status, target=target,
+                details=g.get("audit_details"),
+            )  # fmt: skip
+        return response
 
     @app.after_request
     async def common_headers(response: Response) -> Response:
@@ -223,9 +254,28 @@ def create_app(
 
     _install_error_handlers(app, limits)
     register_routes(app, state)
+    register_admin_routes(app, state)
     if extra_routes is not None:
         extra_routes(app)
+    _document_common_errors(app)
     return app
+
+
+def _document_common_errors(app: QuartTrio) -> None:
+    """List in /openapi.json what every route may answer besides its own: 401 and 403 without a
+    valid token or role (all but the public routes), 404 for an id in the path that names
+    nothing."""
+    for rule in app.url_map.iter_rules():
+        view = app.view_functions.get(rule.endpoint)
+        if view is None or rule.endpoint == "openapi":
+            continue
+        schemas = dict(getattr(view, QUART_SCHEMA_RESPONSE_ATTRIBUTE, {}))
+        if not getattr(view, PUBLIC_ATTRIBUTE, False):
+            schemas.setdefault(401, (ErrorBody, None))
+            schemas.setdefault(403, (ErrorBody, None))
+        if rule.arguments:
+            schemas.setdefault(404, (ErrorBody, None))
+        setattr(view, QUART_SCHEMA_RESPONSE_ATTRIBUTE, schemas)
 
 
 # --- serving --------------------------------------------------------------------------------

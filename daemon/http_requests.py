@@ -18,9 +18,11 @@ from quart_schema import DataSource
 from quart_schema.validation import (
     QUART_SCHEMA_QUERYSTRING_ATTRIBUTE,
     QUART_SCHEMA_REQUEST_ATTRIBUTE,
+    QUART_SCHEMA_RESPONSE_ATTRIBUTE,
 )
 
 from daemon import errors
+from daemon.api_responses import ErrorBody
 from daemon.api_schemas import (
     MAX_ID,
     EventsQuery,
@@ -83,6 +85,14 @@ def _limits() -> HttpLimits:
     return g.dispatch_limits
 
 
+def _document_errors(view: Callable, *statuses: int) -> None:
+    """List the error answers a validating decorator can give in ``/openapi.json``."""
+    schemas = dict(getattr(view, QUART_SCHEMA_RESPONSE_ATTRIBUTE, {}))
+    for status in statuses:
+        schemas.setdefault(status, (ErrorBody, None))
+    setattr(view, QUART_SCHEMA_RESPONSE_ATTRIBUTE, schemas)
+
+
 def json_body(model: type[BaseModel]) -> Callable:
     """Validate the JSON body with ``model``; the view gets it as ``body=``."""
 
@@ -97,6 +107,8 @@ def json_body(model: type[BaseModel]) -> Callable:
             return await view(*args, body=body, **kwargs)
 
         setattr(wrapper, QUART_SCHEMA_REQUEST_ATTRIBUTE, (model, DataSource.JSON))
+        # 400 a bad value or not JSON, 413 too large, 415 not application/json
+        _document_errors(wrapper, 400, 413, 415)
         return wrapper
 
     return decorator
@@ -116,16 +128,19 @@ def query_args(model: type[BaseModel]) -> Callable:
                 if key in repeatable:
                     data[key] = values
                 elif len(values) > 1:
-                    raise errors.InvalidRequest(f"{key} is given more than once", field=key)
+                    raise errors.InvalidRequest(
+                        f"{shown_name(key)} is given more than once", field=key
+                    )
                 else:
                     data[key] = values[0]
             try:
                 parsed = model.model_validate(data, context={"limits": _limits()})
             except ValidationError as error:
-                raise invalid_request_from(error) from None
+                raise invalid_request_from(error, parameter=True) from None
             return await view(*args, args=parsed, **kwargs)
 
         setattr(wrapper, QUART_SCHEMA_QUERYSTRING_ATTRIBUTE, model)
+        _document_errors(wrapper, 400)
         return wrapper
 
     return decorator
@@ -199,6 +214,23 @@ def statuses(text: str | None) -> tuple[str, ...]:
 
 
 _DICT_FIELDS = frozenset({"env", "labels"})  # their entries are named env['KEY']
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+_SHOWN_CHARS = 40  # of a name the client made up (an unknown field, a key), in a message
+_MAX_MESSAGE_CHARS = 300
+
+
+def _quoted(text: str) -> str:
+    """A name the client chose, for a message: quoted, control characters escaped, bounded."""
+    if len(text) > _SHOWN_CHARS:
+        return repr(text[:_SHOWN_CHARS])[:-1] + f"…' ({len(text)} characters)"
+    return repr(text)
+
+
+def shown_name(name: object) -> str:
+    """A field or parameter name as a message shows it: plain names as they are, anything
+    else (empty, control characters, very long) quoted and bounded."""
+    text = str(name)
+    return text if _PLAIN_NAME.fullmatch(text) else _quoted(text)
 
 
 def _name_of(loc: tuple[Any, ...]) -> str:
@@ -207,12 +239,12 @@ def _name_of(loc: tuple[Any, ...]) -> str:
     if not loc:
         return "the body"
     if loc[-1] == "[key]" and len(loc) >= 3:
-        return f"key {loc[-2]!r} of {loc[-3]}"
+        return f"key {_quoted(str(loc[-2]))} of {shown_name(loc[-3])}"
     if len(loc) >= 2 and loc[-2] in _DICT_FIELDS and isinstance(loc[-1], str):
-        return f"{loc[-2]}[{loc[-1]!r}]"
+        return f"{loc[-2]}[{_quoted(loc[-1])}]"
     parts: list[str] = []
     for item in reversed(loc):
-        parts.append(f"[{item}]" if isinstance(item, int) else str(item))
+        parts.append(f"[{item}]" if isinstance(item, int) else shown_name(item))
         if not isinstance(item, int):
             break
     return "".join(reversed(parts))
@@ -248,7 +280,7 @@ def describe_error(error: dict[str, Any]) -> tuple[str, str]:
     elif kind in ("too_short", "too_long", "string_too_short", "string_too_long"):
         phrase = _length_phrase(kind, ctx, error.get("input"))
     elif kind == "string_pattern_mismatch":
-        phrase = f"must match the pattern {ctx.get('pattern')}"
+        phrase = f"must match the pattern {str(ctx.get('pattern'))[:100]}"
     elif kind == "literal_error":
         phrase = f"must be {ctx.get('expected')}"
     elif message.startswith("Input should be "):
@@ -257,15 +289,28 @@ def describe_error(error: dict[str, Any]) -> tuple[str, str]:
         phrase = message.removeprefix("Value error, ")
     else:
         phrase = message
-    return path, f"{_name_of(loc)} {phrase}"
+    text = f"{_name_of(loc)} {phrase}"
+    if len(text) > _MAX_MESSAGE_CHARS:
+        text = text[: _MAX_MESSAGE_CHARS - 1] + "…"
+    return path, text
 
 
-def invalid_request_from(error: ValidationError, *, prefix: str = "") -> errors.InvalidRequest:
+def invalid_request_from(
+    error: ValidationError, *, prefix: str = "", parameter: bool = False
+) -> errors.InvalidRequest:
+    """The first problem as ``InvalidRequest``. ``parameter``: the model is a query string,
+    whose ``field`` is the parameter's name (``label``, not ``label.0`` for its first value)."""
     problems = error.errors(include_url=False)
     if not problems:
         return errors.InvalidRequest("the request is not valid")
-    path, message = describe_error(dict(problems[0]))
+    first = dict(problems[0])
+    path, message = describe_error(first)
     if len(problems) > 1:
         message += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
+    if parameter:
+        loc = tuple(first.get("loc", ()))
+        return errors.InvalidRequest(message, field=str(loc[0]) if loc else None)
+    if path == "" and tuple(first.get("loc", ())) == ("",):
+        return errors.InvalidRequest(message, field="")  # a field named "" (unknown)
     field = ".".join(part for part in (prefix, path) if part) or None
     return errors.InvalidRequest(message, field=field)

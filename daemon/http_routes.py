@@ -19,6 +19,8 @@ from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioResponse
 
 from daemon import errors, queries, sse, stats
+from daemon.api_admin_schemas import HostListQueryWithEnrollment
+from daemon.api_auth import ApiAccess, audited
 from daemon.api_responses import (
     ErrorBody,
     ExecutionDetailOut,
@@ -33,7 +35,6 @@ from daemon.api_responses import (
 from daemon.api_schemas import (
     EventsQuery,
     ExecutionListQuery,
-    HostListQuery,
     HttpLimits,
     IdempotencyHeaders,
     OutputQuery,
@@ -41,7 +42,9 @@ from daemon.api_schemas import (
     TaskCreate,
     TaskListQuery,
 )
+from daemon.audit import AuditLog
 from daemon.database import Database
+from daemon.host_admin import HostAdmin
 from daemon.http_requests import (
     idempotency_key,
     json_body,
@@ -103,6 +106,9 @@ class Services:
     live: LiveHub
     limits: HttpLimits
     event_streams: sse.EventStreams
+    access: ApiAccess
+    audit: AuditLog
+    hosts: HostAdmin
 
 
 def services(app: QuartTrio) -> Services:
@@ -126,15 +132,16 @@ def register_routes(app: QuartTrio, state: Services) -> None:
         return json_response({"status": "ok"})
 
     @app.get(f"{API}/hosts")
-    @query_args(HostListQuery)
+    @query_args(HostListQueryWithEnrollment)
     @document_response(HostPage)
     @document_response(ErrorBody, 400)
-    async def list_hosts(args: HostListQuery) -> Response:
-        """Hosts by id, filtered by status and labels."""
+    async def list_hosts(args: HostListQueryWithEnrollment) -> Response:
+        """Hosts by id, filtered by status, enrolment state and labels."""
         status = args.status.value if args.status is not None else None
+        enrollment = args.enrollment.value if args.enrollment is not None else None
         limit = args.limit or limits.default_page_size
         page = await database.read(
-            queries.list_hosts, status, args.label_selectors(), limit, args.cursor
+            queries.list_hosts, status, args.label_selectors(), limit, args.cursor, enrollment
         )
         return json_response({"items": page.items, "next_cursor": page.next_cursor})
 
@@ -156,6 +163,7 @@ def register_routes(app: QuartTrio, state: Services) -> None:
     @document_response(TaskOut, 201)
     @document_response(ErrorBody, 400)
     @document_response(ErrorBody, 409)
+    @audited
     async def create_task(body: TaskCreate) -> Response:
         """Create a task (and start it with "start": true)."""
         task_id = await tasks.create(
@@ -185,6 +193,7 @@ def register_routes(app: QuartTrio, state: Services) -> None:
     @app.post(f"{API}/tasks/<task_id>/start")
     @document_response(TaskOut, 202)
     @document_response(ErrorBody, 409)
+    @audited
     async def start_task(task_id: str) -> Response:
         """Start a pending task."""
         number = path_id(task_id, "task")
@@ -194,6 +203,7 @@ def register_routes(app: QuartTrio, state: Services) -> None:
     @app.post(f"{API}/tasks/<task_id>/cancel")
     @document_response(TaskOut, 202)
     @document_response(ErrorBody, 409)
+    @audited
     async def cancel_task(task_id: str) -> Response:
         """Cancel a task that has not finished (asking twice is fine)."""
         number = path_id(task_id, "task")
@@ -204,6 +214,7 @@ def register_routes(app: QuartTrio, state: Services) -> None:
     @query_args(RetryQuery)
     @document_response(TaskOut, 201)
     @document_response(ErrorBody, 409)
+    @audited
     async def retry_task(task_id: str, args: RetryQuery) -> Response:
         """A new task over the hosts that did not succeed."""
         new_id = await tasks.retry(path_id(task_id, "task"), only=args.only)

@@ -1,13 +1,13 @@
 """Who is on the other end of an agent stream, decided once, when the stream opens.
 
-The host's identity comes from the credential presented with the stream and the hello that
-opens it; no later message can change it (Salt's CVE-2024-38822 lesson). Here the credential is
-the shared agent token; per-host credentials issued at enrolment replace this seam later.
+The host's identity comes from the credential presented with the stream (and, with mutual TLS,
+the client certificate) and the hello that opens it; no later message can change it (Salt's
+CVE-2024-38822 lesson). ``daemon.enrollment`` decides whether the credential speaks for the
+hello's host; this module reads the hello, binds it to the certificate, and names the refusals.
 """
 
 from __future__ import annotations
 
-import hmac
 import re
 from dataclasses import dataclass
 
@@ -27,29 +27,47 @@ class HostIdentity:
     agent_version: str
 
 
+# Refusal codes (proto ``Refusal.code``) and the gRPC status the stream then ends with.
+REFUSAL_STATUS = {
+    "unauthenticated": "unauthenticated",
+    "enrolled": "unauthenticated",
+    "pending_approval": "permission_denied",
+    "rejected": "permission_denied",
+    "revoked": "permission_denied",
+    "invalid_argument": "invalid_argument",
+    "resource_exhausted": "resource_exhausted",
+}
+
+
 class Refused(Exception):
-    def __init__(self, status: str, message: str) -> None:
+    """The daemon will not serve this stream: ``code`` is the ``Refusal`` code the agent gets,
+    ``status`` the gRPC status the stream ends with."""
+
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.status = status
+        self.code = code
+        self.status = REFUSAL_STATUS.get(code, "permission_denied")
         self.message = message
 
 
-class SharedTokenAuthenticator:
-    """Accepts agents presenting the configured token; ``None`` accepts any (``--insecure``)."""
-
-    def __init__(self, token: str | None) -> None:
-        self._token = token.encode() if token is not None else None
-
-    def authenticate(self, credential: str | None, hello: pb.Hello) -> HostIdentity:
-        if self._token is not None and (
-            credential is None or not hmac.compare_digest(credential.encode(), self._token)
-        ):
-            raise Refused("unauthenticated", "the agent token is missing or wrong")
-        return identity_from_hello(hello)
+def check_certificate(host_id: str, peer_names: frozenset[str] | None, *, required: bool) -> None:
+    """With mutual TLS, the client certificate must name the host (subject CN or a DNS SAN,
+    exactly): a certificate of the fleet's CA does not speak for every host (Nomad's
+    CVE-2020-7956, Choria's caller-id check)."""
+    if peer_names is None:
+        if required:
+            raise Refused("unauthenticated", "a client certificate is required")
+        return
+    if host_id not in peer_names:
+        raise Refused(
+            "unauthenticated",
+            f"the client certificate does not name host {host_id!r} (its subject CN or a DNS "
+            "subject alternative name must be the host id)",
+        )
 
 
 def identity_from_hello(hello: pb.Hello) -> HostIdentity:
-    if not HOST_ID.match(hello.host_id):
+    if not HOST_ID.match(hello.host_id) or hello.host_id in (".", ".."):
         raise Refused(
             "invalid_argument",
             "host_id must be 1-253 characters of letters, digits and . _ : -",

@@ -45,6 +45,33 @@ logger = logging.getLogger(__name__)
 
 STDOUT, STDERR = 1, 2
 _RECENTLY_DONE = 20_000  # finished executions remembered, so late replays need no database read
+_MAX_COLUMN = (1 << 63) - 1  # ids, offsets and byte counts are signed 64-bit columns
+
+
+def malformed(event: pb.Event) -> str | None:
+    """Why an agent's event cannot be applied, or None. The decoder is lenient (a field sent
+    with another wire type can come out as a list or None), and every number the ledger stores
+    must fit its column: anything else is refused here, before it can reach the database."""
+    kind, value = betterproto2.which_one_of(event, "kind")
+    numbers: dict[str, Any] = {"command_host_id": event.command_host_id, "seq": event.seq}
+    if kind == "started":
+        numbers["pid"] = value.pid
+    elif kind == "output":
+        numbers["stream"] = value.stream
+        numbers["offset"] = value.offset
+        if not isinstance(value.data, bytes | bytearray):
+            return "output data is not bytes"
+    elif kind == "finished":
+        for name in ("exit_code", "signal", "stdout_bytes", "stderr_bytes", "duration_ns"):
+            numbers[name] = getattr(value, name)
+    for name, number in numbers.items():
+        if not isinstance(number, int) or isinstance(number, bool):
+            return f"{name} is not a number"
+        if name != "exit_code" and not 0 <= number <= _MAX_COLUMN:
+            return f"{name} {number} is out of range"
+    if kind == "output" and value.offset + len(value.data) > _MAX_COLUMN:
+        return f"output offset {value.offset} is out of range"
+    return None
 
 
 # ------------------------------------------------------------------ state
@@ -163,7 +190,7 @@ class Ledger:
         wanted: set[int] = set()
         for op in ops:
             if isinstance(op, AgentEvents):
-                wanted.update(event.command_host_id for event, _ in op.events)
+                wanted.update(e.command_host_id for e, _ in op.events if malformed(e) is None)
             elif isinstance(op, MarkDispatched | Settle | NoteCancel):
                 wanted.update(op.ids)
         return [i for i in wanted if i not in self._active and i not in self._done]
@@ -246,6 +273,11 @@ class _Planner:
 
     def agent_events(self, op: AgentEvents) -> None:
         for event, at in op.events:
+            problem = malformed(event)
+            if problem is not None:
+                self.plan.refused += 1
+                logger.warning("host %s: event refused: %s", op.host_id, problem)
+                continue
             ch_id, seq = event.command_host_id, event.seq
             ex = self.get(ch_id)
             if ex is None or ex.host_id != op.host_id:

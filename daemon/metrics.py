@@ -61,6 +61,12 @@ class DaemonCollector(Collector):
         yield _counter(
             "dispatch_database_errors", "database calls that failed", s["database"].errors
         )
+        if "audit" in s:
+            audit = s["audit"]
+            yield _counter("dispatch_audit_events", "audit events written", audit.recorded)
+            yield _counter("dispatch_audit_denials_dropped", "denials not written to the audit "
+                           "log (too many at once)", audit.denials_dropped)  # fmt: skip
+            yield _counter("dispatch_audit_failures", "audit writes that failed", audit.failures)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -31,6 +31,7 @@ from peewee import SQL, fn
 
 from daemon import views
 from daemon.errors import InvalidRequest
+from daemon.identity import HOST_ID
 from daemon.store import Command, CommandHost, Host, HostConnection, OutputChunk, Task
 
 STREAMS = {"stdout": 1, "stderr": 2}
@@ -106,20 +107,31 @@ def _int_position(position: Any) -> int | None:
 
 _HOST_FIELDS = (
     "id", "hostname", "labels", "status", "agent_version", "address", "first_seen_at",
-    "connected_at", "last_seen_at",
+    "connected_at", "last_seen_at", "enrollment",
 )  # fmt: skip
 _HOST_COLUMNS = [getattr(Host, name) for name in _HOST_FIELDS]
 
 
-def list_hosts(status: str | None, labels: dict[str, str], limit: int, cursor: str | None) -> Page:
-    """Hosts by id; ``labels``: every one must match (filtered here: labels are JSON text)."""
-    filters = (status, tuple(sorted(labels.items())))
+def list_hosts(
+    status: str | None,
+    labels: dict[str, str],
+    limit: int,
+    cursor: str | None,
+    enrollment: str | None = None,
+) -> Page:
+    """Hosts by id; ``labels``: every one must match (filtered here: labels are JSON text);
+    ``enrollment``: pending, approved, rejected or revoked."""
+    filters: tuple[Any, ...] = (status, tuple(sorted(labels.items())))
+    if enrollment is not None:  # cursors from before this filter existed stay valid
+        filters += (enrollment,)
     after = decode_cursor(cursor, "hosts", filters)
-    if after is not None and not isinstance(after, str):
+    if after is not None and (not isinstance(after, str) or HOST_ID.fullmatch(after) is None):
         raise InvalidRequest("cursor is not a cursor this API gave out", field="cursor")
     query = Host.select(*_HOST_COLUMNS).order_by(Host.id)
     if status is not None:
         query = query.where(Host.status == status)
+    if enrollment is not None:
+        query = query.where(Host.enrollment == enrollment)
     if after is not None:
         query = query.where(Host.id > after)
     items: list[dict[str, Any]] = []

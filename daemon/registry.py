@@ -3,6 +3,10 @@
 A second stream for a host replaces the first, deterministically: the newer wins and the older
 is closed. Listeners (the dispatcher) hear of every arrival and departure, in order, so work in
 flight can be reconciled with what a returning agent says it holds.
+
+Revoking a host (``revoke``) closes its stream at once and bumps the host's generation: a stream
+that was admitted before the revocation but attaches after it is refused (``attach`` raises
+``HostRevoked``), so no admission can slip between the database's decision and this one.
 """
 
 from __future__ import annotations
@@ -44,9 +48,14 @@ class RegistryStatistics:
     replaced: int
 
 
+class HostRevoked(Exception):
+    """The host was revoked after its stream was admitted."""
+
+
 class Registry:
     def __init__(self) -> None:
         self._sessions: dict[str, AgentSession] = {}
+        self._generations: dict[str, int] = {}
         self._arrival_events: dict[str, trio.Event] = {}
         self._arrival_listeners: list[ArrivalListener] = []
         self._departure_listeners: list[DepartureListener] = []
@@ -71,8 +80,26 @@ class Registry:
             await event.wait()
         return session
 
-    async def attach(self, session: AgentSession) -> None:
-        """Make ``session`` the host's current one, closing any older session."""
+    def generation(self, host_id: str) -> int:
+        """Read before admitting a stream, passed back to ``attach``."""
+        return self._generations.get(host_id, 0)
+
+    def revoke(self, host_id: str, reason: str) -> bool:
+        """Close the host's stream now and refuse streams admitted before this call; True if a
+        stream was open."""
+        self._generations[host_id] = self.generation(host_id) + 1
+        session = self._sessions.get(host_id)
+        if session is None:
+            return False
+        session.close(reason)
+        return True
+
+    async def attach(self, session: AgentSession, *, generation: int | None = None) -> None:
+        """Make ``session`` the host's current one, closing any older session. With
+        ``generation`` (read before the stream was admitted), refuse it with ``HostRevoked``
+        if the host was revoked since."""
+        if generation is not None and generation != self.generation(session.host_id):
+            raise HostRevoked(session.host_id)
         older = self._sessions.get(session.host_id)
         self._sessions[session.host_id] = session
         self._arrivals += 1

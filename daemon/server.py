@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,20 +27,25 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response
 from quart_trio import QuartTrio
 
+from common import tls
 from daemon import __version__, grpc_bridge, host_records, http_api, store
+from daemon.api_auth import ApiAccess
 from daemon.api_schemas import HttpLimits
+from daemon.audit import AuditLog
 from daemon.config import DaemonConfig, split_listen
 from daemon.database import Database
 from daemon.dispatcher import Dispatcher
+from daemon.enrollment import Enrollment
 from daemon.errors import StartupError
 from daemon.executions import ExecutionFollower
-from daemon.identity import SharedTokenAuthenticator
+from daemon.host_admin import HostAdmin
 from daemon.live import LiveHub
 from daemon.metrics import metrics_renderer
 from daemon.registry import Registry
 from daemon.scheduler import Scheduler
 from daemon.session import SessionManager
 from daemon.tasks import TaskService
+from daemon.throttle import StreamLimits
 from daemon.writer import open_writer
 
 logger = logging.getLogger(__name__)
@@ -61,6 +67,7 @@ async def serve(
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or ``shutdown`` is set)."""
     shutdown = shutdown or trio.Event()
+    agent_tls = _agent_port_tls(config)
     database = await _open_database(config)
     offline = await database.write(host_records.reset_presence, time.time())
     if offline:
@@ -86,20 +93,28 @@ async def serve(
             database=database, writer=writer, scheduler=scheduler, dispatcher=dispatcher,
             max_targets=config.max_targets_per_task,
         )  # fmt: skip
+        audit = AuditLog(database)
+        enrollment = Enrollment(
+            database, enrolment_token=config.resolved_agent_token(),
+            auto_approve=config.auto_approve, require_certificate=config.tls_client_ca is not None,
+        )  # fmt: skip
         sessions = SessionManager(
-            registry=registry, writer=writer, database=database,
-            authenticator=SharedTokenAuthenticator(config.resolved_agent_token()),
+            registry=registry, writer=writer, database=database, authenticator=enrollment,
             hello_timeout_s=config.hello_timeout_s,
             heartbeat_interval_s=config.heartbeat_interval_s,
-            heartbeat_ttl_s=config.heartbeat_ttl_s, daemon_version=__version__,
+            heartbeat_ttl_s=config.heartbeat_ttl_s, daemon_version=__version__, audit=audit,
+            stream_limits=StreamLimits(config.agent_max_messages_per_s,
+                                       config.agent_max_bytes_per_s),
         )  # fmt: skip
         render_metrics = metrics_renderer({
             "registry": registry.statistics, "writer": writer.statistics,
             "dispatcher": dispatcher.statistics, "scheduler": scheduler.statistics,
-            "live": live.statistics, "database": database.statistics,
+            "live": live.statistics, "database": database.statistics, "audit": audit.statistics,
         })  # fmt: skip
         app = http_api.create_app(
             database=database, tasks=tasks, live=live, api_token=config.resolved_api_token(),
+            access=ApiAccess(database, bootstrap_token=config.resolved_api_token()), audit=audit,
+            hosts=HostAdmin(database, registry=registry, follower=follower),
             limits=HttpLimits(
                 max_body_bytes=config.http_max_body_bytes,
                 max_targets=config.max_targets_per_task,
@@ -120,7 +135,7 @@ async def serve(
                         grpc_bridge.serve_grpc, sessions.handle_stream, host=grpc_host,
                         port=grpc_port, backlog=config.grpc_backlog,
                         max_message_bytes=config.max_message_bytes,
-                        close_timeout_s=config.shutdown_grace_s,
+                        close_timeout_s=config.shutdown_grace_s, tls=agent_tls,
                     ),
                 )  # fmt: skip
                 http_urls = await _start_door(doors, "HTTP", config.http_listen,
@@ -149,6 +164,21 @@ def _metrics_route(app: QuartTrio, *, render: Callable[[], bytes]) -> None:
     async def metrics() -> Response:
         """Prometheus text format."""
         return Response(render(), content_type=CONTENT_TYPE_LATEST)
+
+
+def _agent_port_tls(config: DaemonConfig) -> ssl.SSLContext | None:
+    """The agent port's TLS context; None only with an explicit --plaintext."""
+    if config.tls_cert is None or config.tls_key is None:
+        if not config.plaintext:
+            raise StartupError(
+                "the agent port needs TLS: give --tls-cert and --tls-key, or --plaintext"
+            )
+        logger.warning("the agent port runs WITHOUT TLS (--plaintext)")
+        return None
+    try:
+        return tls.server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+    except tls.TlsConfigError as exc:
+        raise StartupError(str(exc)) from None
 
 
 async def _open_database(config: DaemonConfig) -> Database:

@@ -82,8 +82,20 @@ class Reason(StrEnum):
     DAEMON_SHUTDOWN = "daemon_shutdown"
     INTERNAL_ERROR = "internal_error"
     AGENT_ERROR = "agent_error"
+    HOST_REVOKED = "host_revoked"  # an administrator revoked the host while it ran
 
 
 class HostStatus(StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"
+
+
+class EnrollmentState(StrEnum):
+    """Whether a host may run anything: only ``approved`` hosts connect and are targeted.
+
+    pending -> approved | rejected; approved -> revoked; rejected | revoked -> approved."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    REVOKED = "revoked"

@@ -34,9 +34,11 @@ from peewee import (
 )
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
+from daemon import migrations
+
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = migrations.LATEST
 
 database_proxy = DatabaseProxy()
 
@@ -258,18 +260,28 @@ def bind(db: Database) -> None:
 
 
 def create_schema(db: Database) -> None:
-    """Create missing tables and indexes; refuse a database written by a newer schema."""
+    """Create a fresh database at the newest schema, or upgrade an older one step by step
+    (``daemon.migrations``); refuse a database written by a newer dispatchd."""
     with db.connection_context():
-        db.create_tables(MODELS, safe=True)
-        with db.atomic():
+        if db.table_exists("schema_version"):
             row = SchemaVersion.select().first()
-            if row is None:
-                SchemaVersion.create(version=SCHEMA_VERSION)
-            elif row.version > SCHEMA_VERSION:
+            current = row.version if row is not None else SCHEMA_VERSION
+            if current > SCHEMA_VERSION:
                 raise RuntimeError(
-                    f"the database has schema version {row.version}; this dispatchd knows "
+                    f"the database has schema version {current}; this dispatchd knows "
                     f"{SCHEMA_VERSION} at most: upgrade dispatchd"
                 )
+            # Before create_tables: its indexes may name columns the upgrade adds.
+            migrations.upgrade(db, current, record=_record_version)
+        db.create_tables(MODELS, safe=True)
+        with db.atomic():
+            if SchemaVersion.select().first() is None:
+                SchemaVersion.create(version=SCHEMA_VERSION)
+
+
+def _record_version(version: int) -> None:
+    if not SchemaVersion.update(version=version).execute():
+        SchemaVersion.create(version=version)
 
 
 def is_postgres(db: Database) -> bool:

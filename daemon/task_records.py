@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from peewee import IntegrityError, chunked, fn
 
 from daemon.errors import Conflict, InvalidRequest, NotFound
-from daemon.states import ExecStatus, TaskStatus
+from daemon.states import EnrollmentState, ExecStatus, TaskStatus
 from daemon.store import Command, CommandHost, Host, Task
 from daemon.taskspec import CommandSpec, TaskSpec
 
@@ -112,19 +112,28 @@ def _create_command(task_id: int, index: int, command: CommandSpec) -> int:
 
 
 def resolve_targets(spec: TaskSpec, max_targets: int) -> list[str]:
-    """Named hosts (which must be known) then label matches, without repeats, in that order."""
+    """Named hosts (which must be known and approved) then approved label matches, without
+    repeats, in that order: a host that is pending, rejected or revoked is never a target."""
     known = {
-        row.id: json.loads(row.labels)
-        for row in Host.select(Host.id, Host.labels).order_by(Host.id)
+        row.id: (json.loads(row.labels), row.enrollment)
+        for row in Host.select(Host.id, Host.labels, Host.enrollment).order_by(Host.id)
     }
     hosts: dict[str, None] = {}
     for index, host_id in enumerate(spec.target_hosts):
         if host_id not in known:
             raise InvalidRequest(f"unknown host {host_id!r}", field=f"targets.hosts.{index}")
+        enrollment = known[host_id][1]
+        if enrollment != EnrollmentState.APPROVED:
+            raise InvalidRequest(
+                f"host {host_id!r} is {enrollment}: only approved hosts can be targeted",
+                field=f"targets.hosts.{index}",
+            )
         hosts[host_id] = None
     if spec.target_labels:
         wanted = spec.target_labels.items()
-        for host_id, labels in known.items():
+        for host_id, (labels, enrollment) in known.items():
+            if enrollment != EnrollmentState.APPROVED:
+                continue
             if all(labels.get(key) == value for key, value in wanted):
                 hosts[host_id] = None
     if not hosts:
@@ -259,6 +268,18 @@ def retry_request(task_id: int) -> tuple[TaskSpec, list[str]]:
     ]
     if not failed:
         raise Conflict(f"every host of task {task_id} succeeded; there is nothing to retry")
+    approved = {
+        row.id
+        for row in Host.select(Host.id).where(
+            Host.id.in_(failed) & (Host.enrollment == EnrollmentState.APPROVED.value)
+        )
+    }
+    failed = [host_id for host_id in failed if host_id in approved]  # revoked hosts are left out
+    if not failed:
+        raise Conflict(
+            f"the hosts of task {task_id} that did not succeed are no longer approved; "
+            "there is nothing to retry"
+        )
     # The retry names its hosts: the original labels may match other hosts by now.
     spec = TaskSpec(
         name=f"{task.name} (retry of {task_id})"[:200],

@@ -120,6 +120,7 @@ def host_view(row: dict[str, Any]) -> dict[str, Any]:
         "first_seen_at": rfc3339(row["first_seen_at"]),
         "agent_version": row["agent_version"],
         "address": row["address"],
+        "enrollment": row["enrollment"],
     }
 
 
@@ -142,4 +143,32 @@ def task_event_view(row: dict[str, Any]) -> dict[str, Any]:
         "started_at": rfc3339(row["started_at"]),
         "finished_at": rfc3339(row["finished_at"]),
         "error": row["error"],
+    }
+
+
+def token_view(row: dict[str, Any]) -> dict[str, Any]:
+    """An API token as the API lists it: never the token, nor its hash."""
+    return {
+        "id": str(row["id"]),
+        "name": row["name"],
+        "role": row["role"],
+        "created_at": rfc3339(row["created_at"]),
+        "created_by": row["created_by"],
+        "last_used_at": rfc3339(row["last_used_at"]),
+        "revoked_at": rfc3339(row["revoked_at"]),
+    }
+
+
+def audit_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "at": rfc3339(row["at"]),
+        "actor": row["actor"],
+        "role": row["role"],
+        "action": row["action"],
+        "target": row["target"],
+        "outcome": row["outcome"],
+        "status": row["status"],
+        "address": row["address"],
+        "details": json.loads(row["details"] or "{}"),
     }

@@ -61,7 +61,9 @@ def wait_for(what: str, check: Any, timeout_s: float = 30) -> Any:
         except (urllib.error.URLError, ConnectionError):
             pass
         time.sleep(0.2)
-    sys.exit(f"demo: {what} did not happen within {timeout_s:g} s; see the logs in {RUN}")
+    print(f"demo: {what} did not happen within {timeout_s:g} s; see the logs in {RUN}",
+          file=sys.stderr)  # fmt: skip
+    stop(status=1)  # never leave the programs it started running
 
 
 def start(argv: list[str], log: str) -> subprocess.Popen[bytes]:
@@ -74,7 +76,7 @@ API_TOKEN = token("api").read_text().strip()
 processes: list[subprocess.Popen[bytes]] = []
 
 
-def stop(*_: object) -> None:
+def stop(*_: object, status: int = 0) -> None:
     for process in reversed(processes):
         process.send_signal(signal.SIGTERM)
     for process in processes:
@@ -82,7 +84,7 @@ def stop(*_: object) -> None:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
-    sys.exit(0)
+    sys.exit(status)
 
 
 signal.signal(signal.SIGINT, stop)
@@ -92,13 +94,15 @@ processes.append(start([
     str(BIN / "dispatchd"), "--db", f"sqlite:///{RUN / 'dispatch.db'}",
     "--grpc-listen", f"127.0.0.1:{GRPC_PORT}", "--http-listen", f"127.0.0.1:{HTTP_PORT}",
     "--agent-token-file", str(token("agent")), "--api-token-file", str(token("api")),
+    # loopback only: no TLS, and the demo's own agents are admitted as they enrol
+    "--plaintext", "--auto-approve",
 ], "dispatchd.log"))  # fmt: skip
 wait_for("dispatchd answering on " + URL, lambda: api("GET", "/healthz")["status"] == "ok")
 for host in HOSTS:
     processes.append(start([
         str(BIN / "dispatch-agent"), "--server", f"127.0.0.1:{GRPC_PORT}",
         "--token-file", str(token("agent")), "--host-id", host, "--label", "role=demo",
-        "--state-dir", str(RUN / "agents" / host),
+        "--state-dir", str(RUN / "agents" / host), "--plaintext",
     ], f"agent-{host}.log"))  # fmt: skip
 wait_for(
     "three agents online",

@@ -39,6 +39,7 @@ def make_config(tmp_path: Path) -> Callable[..., AgentConfig]:
             "kill_grace_s": 1.0,
             "pipe_drain_s": 0.5,
             "shutdown_delivery_s": 1.0,
+            "plaintext": True,  # the test servers speak plaintext; TLS tests say otherwise
         }
         values.update(overrides)
         return AgentConfig(**values)

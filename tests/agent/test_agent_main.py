@@ -35,6 +35,7 @@ async def test_sigterm_stops_the_running_command_and_exits_zero(
                     "-m",
                     "agent",
                     f"--server={server.address}",
+                    "--plaintext",
                     "--token=tok",
                     "--host-id=e2e-1",
                     f"--state-dir={tmp_path / 'state'}",

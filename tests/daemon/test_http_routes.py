@@ -49,6 +49,7 @@ async def test_hosts_list_filters_and_pages(api, rows):
         "first_seen_at": "2023-11-14T22:13:20.000Z",
         "agent_version": "0.1.0",
         "address": "10.0.0.1:40000",
+        "enrollment": "approved",
     }
     same_fields(body["items"][1], api_responses.HostOut)
 
@@ -204,7 +205,8 @@ async def test_task_service_refusal_names_the_field(api, rows):
     status, error = await api("POST", "/api/v1/tasks", json=body)
     assert status == 400
     assert error["error"]["field"] == "targets.hosts[1]"
-    assert rows.counts() == before
+    # nothing is written but the audit record of the refused attempt
+    assert rows.counts() == {**before, "AuditEvent": before["AuditEvent"] + 1}
 
 
 async def test_get_task_with_progress(api, rows):
@@ -406,7 +408,7 @@ async def test_openapi_documents_every_route_and_the_auth(api, app):
     }
     documented = {(method, path) for path, ops in doc["paths"].items() for method in ops}
     assert routes == documented
-    assert len(routes) == 15
+    assert len(routes) == 22
     assert doc["paths"]["/healthz"]["get"]["security"] == []
     create = doc["paths"]["/api/v1/tasks"]["post"]
     schema = create["requestBody"]["content"]["application/json"]["schema"]

@@ -15,8 +15,8 @@ import trio
 from common.link import MemoryLink, memory_link_pair
 from daemon import store
 from daemon.database import Database
+from daemon.enrollment import Enrollment
 from daemon.grpc_bridge import StreamEnd
-from daemon.identity import SharedTokenAuthenticator
 from daemon.live import LiveHub
 from daemon.registry import Registry
 from daemon.session import SessionManager
@@ -71,7 +71,8 @@ async def port(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Port]:
         registry = Registry()
         manager = SessionManager(
             registry=registry, writer=writer, database=database,
-            authenticator=SharedTokenAuthenticator(TOKEN), hello_timeout_s=0.5,
+            authenticator=Enrollment(database, enrolment_token=TOKEN, auto_approve=True),
+            hello_timeout_s=0.5,
             heartbeat_interval_s=0.1, heartbeat_ttl_s=0.6, daemon_version="test",
         )  # fmt: skip
         async with trio.open_nursery() as inner:
@@ -151,8 +152,8 @@ async def test_a_first_message_that_is_not_a_hello_is_refused(port: Port) -> Non
 
 async def test_a_second_stream_for_the_host_replaces_the_first(port: Port) -> None:
     first, first_ended, _ = await port.connect(hello())
-    await next_kind(first, "welcome")
-    second, _, _ = await port.connect(hello())
+    welcome = await next_kind(first, "welcome")
+    second, _, _ = await port.connect(hello(), welcome.credential)  # its own credential now
     await next_kind(second, "welcome")
     with trio.fail_after(5):
         await first_ended.wait()

@@ -104,6 +104,12 @@ class Cluster:
     daemon: Program | None = None
     agents: dict[str, Program] = field(default_factory=dict)
     extra_daemon_args: list[str] = field(default_factory=list)
+    # Plaintext agent port, new hosts admitted at once: what most e2e tests need. Identity tests
+    # replace these (TLS files, no auto-approve).
+    daemon_security_args: list[str] = field(
+        default_factory=lambda: ["--plaintext", "--auto-approve"]
+    )
+    agent_security_args: list[str] = field(default_factory=lambda: ["--plaintext"])
     http: httpx.AsyncClient = field(init=False)
 
     def __post_init__(self) -> None:
@@ -121,7 +127,7 @@ class Cluster:
             "--grpc-listen", f"127.0.0.1:{self.grpc_port}",
             "--http-listen", f"127.0.0.1:{self.http_port}",
             "--agent-token", AGENT_TOKEN, "--api-token", API_TOKEN, "--log-level", "debug",
-            *DAEMON_TIMING, *self.extra_daemon_args, *extra,
+            *DAEMON_TIMING, *self.daemon_security_args, *self.extra_daemon_args, *extra,
         ]  # fmt: skip
         self.daemon = Program("dispatchd", argv, self.tmp / "dispatchd.log")
         await self.daemon.start()
@@ -144,7 +150,7 @@ class Cluster:
             sys.executable, "-m", "agent", "--server", f"127.0.0.1:{port or self.grpc_port}",
             "--token", AGENT_TOKEN, "--host-id", host_id,
             "--state-dir", str(self.tmp / "agents" / host_id), "--log-level", "debug",
-            *AGENT_TIMING, *extra,
+            *AGENT_TIMING, *self.agent_security_args, *extra,
         ]  # fmt: skip
 
     async def start_agent(self, host_id: str, *extra: str, port: int | None = None,

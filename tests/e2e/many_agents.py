@@ -30,6 +30,7 @@ async def serve(args: argparse.Namespace) -> None:
                     state_dir=Path(args.state_root) / f"{args.prefix}-{index:04d}",
                     reconnect_min_s=0.05,
                     reconnect_max_s=2.0,
+                    plaintext=True,
                 )
                 await stack.enter_async_context(open_agent(config))
             logging.getLogger(__name__).info("%d agents running", args.count)
