@@ -87,9 +87,7 @@ async def _quietly(fn: Any, *args: Any) -> None:
 # trio context or at import time.
 
 
-async def _make_channel(
-    host: str, port: int, tls: ssl.SSLContext | None
-) -> grpclib.client.Channel:
+async def _make_channel(host: str, port: int, tls: ssl.SSLContext | None) -> grpclib.client.Channel:
     return grpclib.client.Channel(host, port, ssl=tls)
 
 

@@ -139,7 +139,7 @@ class JournalWriter:
                     retry.sync = retry.sync or flush.sync
                     flush.retry = retry
                     self._finish(flush, ok=False)
-                    await trio.sleep(delay)
+                    await self._release_while_failing(delay)
                     continue
                 if failures:
                     logger.warning(
@@ -166,6 +166,26 @@ class JournalWriter:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             await trio.to_thread.run_sync(os.close, fd)
+
+    async def _release_while_failing(self, delay_s: float) -> None:
+        """Until the next write attempt, hand what is appended meanwhile to the sender at once:
+        the disk is failing, but the daemon may still take it. The records stay queued for the
+        retry (each released flush points to the one holding them)."""
+        with trio.move_on_after(delay_s):
+            while True:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                if self._closing:
+                    return
+                pending = self._current
+                if not pending.tags:
+                    continue
+                following = Flush()
+                following.records, pending.records = pending.records, []
+                following.sync = pending.sync
+                pending.retry = following
+                self._current = following
+                self._finish(pending, ok=False)
 
     def _finish(self, flush: Flush, *, ok: bool) -> None:
         self._in_flight = None

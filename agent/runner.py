@@ -22,18 +22,16 @@ import os
 import signal
 import subprocess
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import trio
 
 from agent.cgroups import AgentCgroups, CommandCgroup
+from agent.output import OutputPump, RunReport
 from agent.process_group import (
     KillReport,
     KillResult,
-    ProcessInfo,
     describe_process,
     kill_process_group,
 )
@@ -45,14 +43,6 @@ SHELL = "/bin/sh"
 ARGV0 = "dispatch"  # $0 of the script; its arguments are $1...
 # Run as ``sh -c GATE SCRIPT dispatch ARG...``; see the module docstring.
 GATE = 'read -r _ || exit 125; exec /bin/sh -c "$0" "$@" </dev/null'
-
-
-class RunReport(Protocol):
-    """Where a runner reports a command's progress (the worker journals it)."""
-
-    async def started(self, pid: int, process: ProcessInfo | None) -> None: ...
-
-    async def output(self, stream: pb.OutputStream, offset: int, data: bytes) -> None: ...
 
 
 class Stop:
@@ -147,8 +137,22 @@ class ProcessRunner:
             child.cgroup = await self._enter(cgroup, process.pid, run.command_host_id)
         assert process.stdout is not None and process.stderr is not None
         pumps = (
-            _OutputPump(pb.OutputStream.STDOUT, process.stdout, limit, settings, report),
-            _OutputPump(pb.OutputStream.STDERR, process.stderr, limit, settings, report),
+            OutputPump(
+                pb.OutputStream.STDOUT,
+                process.stdout,
+                limit,
+                report,
+                chunk_bytes=settings.chunk_bytes,
+                flush_s=settings.flush_s,
+            ),
+            OutputPump(
+                pb.OutputStream.STDERR,
+                process.stderr,
+                limit,
+                report,
+                chunk_bytes=settings.chunk_bytes,
+                flush_s=settings.flush_s,
+            ),
         )
         try:
             await report.started(process.pid, describe_process(process.pid))
@@ -268,7 +272,7 @@ class ProcessRunner:
         killed: KillReport | None,
         grace_s: float,
         stop: Stop,
-        pumps: tuple[_OutputPump, _OutputPump],
+        pumps: tuple[OutputPump, OutputPump],
     ) -> pb.Finished:
         finished = pb.Finished(
             outcome=outcome,
@@ -331,119 +335,6 @@ async def _open_gate(process: trio.Process) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await process.stdin.send_all(b"go\n")
     await process.stdin.aclose()
-
-
-class _OutputPump:
-    """Reads one of the command's streams and reports it in chunks, within the output cap.
-
-    Bytes below offset 4*L are forwarded live, coalesced up to ``chunk_bytes`` or ``flush_s``.
-    Past that, nothing more goes out live; the last T = L - L//2 bytes are kept and sent when the
-    process ends, so the daemon can store the first L//2 bytes and the last T whatever the size.
-    """
-
-    def __init__(
-        self,
-        stream: pb.OutputStream,
-        source: trio.abc.ReceiveStream,
-        limit: int,
-        settings: RunnerSettings,
-        report: RunReport,
-    ) -> None:
-        self.total = 0  # bytes read so far: the stream's size once it ended
-        self._stream = stream
-        self._source = source
-        self._chunk_bytes = settings.chunk_bytes
-        self._flush_s = settings.flush_s
-        self._report = report
-        self._live_limit = 4 * limit
-        self._tail = _Tail(limit - limit // 2)
-        self._sent = 0  # end offset of what was reported
-        self._pending = bytearray()
-        self._pending_since = 0.0
-        self._reading = True
-        self._receive_scope: trio.CancelScope | None = None
-        self._eof = trio.Event()
-
-    async def run(self) -> None:
-        try:
-            while self._reading:
-                size = self._chunk_bytes - len(self._pending)
-                deadline = self._pending_since + self._flush_s if self._pending else math.inf
-                with trio.CancelScope(deadline=deadline) as scope:
-                    self._receive_scope = scope
-                    data = await self._source.receive_some(size)
-                self._receive_scope = None
-                if scope.cancelled_caught:
-                    if not self._reading:
-                        return
-                    await self._flush()  # the oldest pending byte reached the flush age
-                    continue
-                if not data:
-                    return
-                await self._take(data)
-        finally:
-            self._eof.set()
-
-    async def wait_eof(self) -> None:
-        await self._eof.wait()
-
-    def stop_reading(self) -> None:
-        self._reading = False
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
-
-    async def finish(self) -> None:
-        """Report what is still buffered, then the kept tail that was not reported live."""
-        await self._flush()
-        start = max(self._sent, self.total - self._tail.capacity)
-        if start >= self.total:
-            return
-        tail = self._tail.last(self.total - start)
-        for piece in range(0, len(tail), self._chunk_bytes):
-            data = tail[piece : piece + self._chunk_bytes]
-            await self._report.output(self._stream, start + piece, data)
-        self._sent = self.total
-
-    async def _take(self, data: bytes | bytearray) -> None:
-        offset = self.total
-        self.total += len(data)
-        self._tail.add(data)
-        live = data[: max(0, self._live_limit - offset)]
-        if not live:
-            return
-        if not self._pending:
-            self._pending_since = trio.current_time()
-        self._pending += live
-        if len(self._pending) >= self._chunk_bytes or len(live) < len(data):
-            await self._flush()
-
-    async def _flush(self) -> None:
-        if not self._pending:
-            return
-        data = bytes(self._pending)
-        self._pending.clear()
-        offset, self._sent = self._sent, self._sent + len(data)
-        await self._report.output(self._stream, offset, data)
-
-
-class _Tail:
-    """The last ``capacity`` bytes of a stream, kept as the chunks they arrived in."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._chunks: deque[bytes | bytearray] = deque()
-        self._size = 0
-
-    def add(self, data: bytes | bytearray) -> None:
-        if not self.capacity:
-            return
-        self._chunks.append(data)
-        self._size += len(data)
-        while self._size - len(self._chunks[0]) >= self.capacity:
-            self._size -= len(self._chunks.popleft())
-
-    def last(self, size: int) -> bytes:
-        return b"".join(self._chunks)[-size:] if size else b""
 
 
 def _describe_exit(returncode: int | None) -> str:

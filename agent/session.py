@@ -123,7 +123,9 @@ class Session:
 
     async def _watch(self) -> None:
         while True:
-            deadline = self._last_heard + self.heartbeat_ttl_s
+            # Bytes of a message still arriving count as hearing from the daemon.
+            heard = max(self._last_heard, getattr(self._link, "last_bytes_at", 0.0))
+            deadline = heard + self.heartbeat_ttl_s
             if trio.current_time() >= deadline:
                 self._end(f"nothing heard from the daemon for {self.heartbeat_ttl_s:.1f} s")
                 return

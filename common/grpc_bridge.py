@@ -99,6 +99,9 @@ class StreamLink:
         self._closed = False
         self._guarded = False
         self.last_message_bytes = 0  # declared length of the last message received
+        # trio.current_time() when the last bytes of any message arrived: a peer that is busy
+        # sending one large message over a slow link is alive, though no message is complete.
+        self.last_bytes_at = 0.0
 
     async def send(self, message: Any) -> None:
         if self._closed:
@@ -157,3 +160,10 @@ def _install_size_guard(stream: Any, max_message_bytes: int, link: StreamLink) -
         return data
 
     inner.recv_data = guarded_recv_data
+    original_add = inner.buffer.add
+
+    def noting_add(data: bytes, ack_size: int) -> None:
+        link.last_bytes_at = trio.current_time()
+        original_add(data, ack_size)
+
+    inner.buffer.add = noting_add

@@ -16,6 +16,7 @@ from peewee import Database
 
 from daemon.ledger import (
     ROW_FIELDS,
+    SETTLED_WITHOUT_AGENT,
     UPDATE_FIELDS,
     Execution,
     Ledger,
@@ -69,7 +70,10 @@ def load_executions(db: Database, ids: Sequence[int], head_bytes: int) -> dict[i
             values["output_truncated"] = bool(values["output_truncated"])
             found[values["id"]] = Execution(**values)
     with_output = [
-        i for i, ex in found.items() if ex.status == ExecStatus.RUNNING and ex.last_seq > 1
+        i
+        for i, ex in found.items()
+        if ex.last_seq > 1
+        and (ex.status == ExecStatus.RUNNING or ex.reason in SETTLED_WITHOUT_AGENT)
     ]
     for start in range(0, len(with_output), _CHUNK):
         chunk = with_output[start : start + _CHUNK]

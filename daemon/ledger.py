@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 STDOUT, STDERR = 1, 2
 _RECENTLY_DONE = 20_000  # finished executions remembered, so late replays need no database read
+# Settled by the daemon without the agent's word: the agent may still deliver output it holds,
+# which is stored (the decision itself stands).
+SETTLED_WITHOUT_AGENT = frozenset({Reason.AGENT_LOST, Reason.DAEMON_RESTART})
 
 
 @dataclass(slots=True)
@@ -175,7 +178,8 @@ class Ledger:
         for ex in plan.work.values():
             if ex.status.terminal:
                 self._active.pop(ex.id, None)
-                ex.streams = {}  # the hashers and tail bookkeeping are no longer needed
+                if ex.reason not in SETTLED_WITHOUT_AGENT:
+                    ex.streams = {}  # the hashers and tail bookkeeping are no longer needed
                 self._done[ex.id] = ex
                 self._done.move_to_end(ex.id)
                 while len(self._done) > _RECENTLY_DONE:
@@ -270,10 +274,15 @@ class _Planner:
                 continue
             ex.last_seq = seq
             self.plan.ack(op.sink, ch_id, seq)
-            if ex.status.terminal:
-                continue  # already decided (e.g. settled while the agent was away): keep as is
-            self.plan.changed.setdefault(ex.id, ex)  # last_seq is written even if nothing else
             kind, value = betterproto2.which_one_of(event, "kind")
+            if ex.status.terminal:
+                # Already decided (e.g. settled while the agent was away): the decision stands,
+                # but output the command wrote meanwhile is still part of the record.
+                if kind == "output" and ex.reason in SETTLED_WITHOUT_AGENT:
+                    self.output(ex, value, seq)
+                    self.digest(ex)
+                continue
+            self.plan.changed.setdefault(ex.id, ex)  # last_seq is written even if nothing else
             if kind == "started":
                 ex.pid = value.pid or None
                 ex.started_at = at
@@ -355,9 +364,13 @@ class _Planner:
         kept = {s: ex.streams.get(s, StreamState()).kept for s in (STDOUT, STDERR)}
         ex.output_truncated = ex.stdout_bytes > kept[STDOUT] or ex.stderr_bytes > kept[STDERR]
         self.move(ex, status, reason)
+        self.digest(ex)
+
+    def digest(self, ex: Execution) -> None:
         hashers = [ex.streams.get(s, StreamState()).hasher for s in (STDOUT, STDERR)]
         if any(h is None for h in hashers):
-            self.plan.digests_from_rows.append(ex)  # loaded mid-run: hash the stored rows
+            if all(queued is not ex for queued in self.plan.digests_from_rows):
+                self.plan.digests_from_rows.append(ex)  # loaded mid-run: hash the stored rows
         else:
             ex.output_digest = output_digest(ex, *(h.digest() for h in hashers))
 

@@ -34,7 +34,7 @@ from daemon.grpc_bridge import StreamEnd
 from daemon.identity import HostIdentity, Refused
 from daemon.registry import HostRevoked, Registry
 from daemon.throttle import StreamLimits
-from daemon.writer import Writer
+from daemon.writer import Writer, first_cause
 from proto.dispatch import v1 as pb
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,9 @@ class Session:
 
     async def _watchdog(self) -> None:
         while True:
-            deadline = self._last_seen_clock + self._heartbeat_ttl_s
+            # Bytes of a message still arriving count as hearing from the agent.
+            heard = max(self._last_seen_clock, getattr(self._link, "last_bytes_at", 0.0))
+            deadline = heard + self._heartbeat_ttl_s
             if trio.current_time() >= deadline:
                 self.close(f"silent for {self._heartbeat_ttl_s:g} s (heartbeat TTL)")
                 return
@@ -372,5 +374,10 @@ class SessionManager:
         while True:
             await trio.sleep(interval_s)
             seen = [(s.last_seen_at, s.host_id) for s in self._registry.sessions()]  # type: ignore[attr-defined]
-            if seen:
+            if not seen:
+                continue
+            try:
                 await self._database.write(host_records.record_last_seen, seen)
+            except peewee.DatabaseError as exc:  # a hint for people, not a record: next round
+                logger.warning("could not record when %d hosts were last seen: %s", len(seen),
+                               first_cause(exc))  # fmt: skip

@@ -31,6 +31,7 @@ from peewee import (
     Model,
     SmallIntegerField,
     TextField,
+    __exception_wrapper__,
 )
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
@@ -299,9 +300,12 @@ def execute_many(db: Database, sql: str, rows: Iterable[Sequence[Any]]) -> None:
     if not rows:
         return
     cursor = db.cursor()
-    if is_postgres(db):
-        from psycopg2.extras import execute_batch
+    # The plain DB-API path raises the driver's exceptions: map them to peewee's, as every
+    # peewee call does, so callers (the writer's retry of a locked or full database) see them.
+    with __exception_wrapper__:
+        if is_postgres(db):
+            from psycopg2.extras import execute_batch
 
-        execute_batch(cursor, sql.replace("?", "%s"), rows, page_size=500)
-    else:
-        cursor.executemany(sql, rows)
+            execute_batch(cursor, sql.replace("?", "%s"), rows, page_size=500)
+        else:
+            cursor.executemany(sql, rows)

@@ -180,7 +180,7 @@ class Writer:
                 logger.error(
                     "writing a batch of %d changes failed (%s); retrying in %.1f s",
                     len(batch),
-                    exc,
+                    first_cause(exc),
                     delay,
                 )
                 await trio.sleep(delay)
@@ -254,6 +254,14 @@ class Writer:
 
     async def aclose(self) -> None:
         await self._send.aclose()
+
+
+def first_cause(exc: BaseException) -> BaseException:
+    """SQLite ends the transaction itself on some errors (a full disk, an I/O error); peewee's
+    rollback then fails with "no transaction is active" and hides the real error: find it."""
+    while "no transaction is active" in str(exc) and exc.__context__ is not None:
+        exc = exc.__context__
+    return exc
 
 
 @contextlib.asynccontextmanager
