@@ -23,7 +23,7 @@ import trio
 
 from daemon import flush
 from daemon.database import Database
-from daemon.ledger import Ledger
+from daemon.ledger import Execution, Ledger
 from daemon.live import LiveEvent, LiveHub
 from daemon.states import ExecStatus, Reason, TaskStatus
 from daemon.views import execution_view, progress_view, task_event_view
@@ -41,6 +41,7 @@ from proto.dispatch import v1 as pb
 
 logger = logging.getLogger(__name__)
 
+TransitionObserver = Callable[[Sequence[Execution]], None]
 StatusListener = Callable[[Sequence[tuple[int, ExecStatus, str | None]]], None]
 
 _TRANSIENT = (peewee.OperationalError, peewee.InterfaceError)
@@ -81,6 +82,7 @@ class Writer:
         self._batch_age_s = batch_age_s
         self._send, self._receive = trio.open_memory_channel[Op](queue_items)
         self._listeners: list[StatusListener] = []
+        self._transition_observers: list[TransitionObserver] = []
         self._batches = self._ops = self._events = self._duplicates = self._refused = 0
         self._rows_changed = self._output_rows = self._failures = 0
         self._last_batch_size = 0
@@ -93,6 +95,11 @@ class Writer:
     def add_listener(self, listener: StatusListener) -> None:
         """``listener`` gets (execution id, new status, reason) for every durable transition."""
         self._listeners.append(listener)
+
+    def observe_transitions(self, observer: TransitionObserver) -> None:
+        """``observer`` gets the committed record of every execution whose status changed in a
+        batch (for metrics: durations, dispatch latency). It must not block."""
+        self._transition_observers.append(observer)
 
     # ------------------------------------------------------------------ producers
 
@@ -211,6 +218,10 @@ class Writer:
         if plan.status_changes:
             for listener in self._listeners:
                 listener(plan.status_changes)
+            if self._transition_observers:
+                moved = [plan.changed[ch_id] for ch_id, _, _ in plan.status_changes]
+                for observer in self._transition_observers:
+                    observer(moved)
         self._publish(result)
 
     def _publish(self, result: flush.FlushResult) -> None:
