@@ -11,6 +11,7 @@ from agent.config import load_config
 from agent.journal_file import StateDirectoryError
 from common import grpc_bridge
 from common.logs import configure_logging
+from common.runtime import tune_garbage_collection
 from common.settings import SettingsError
 
 EXIT_USAGE = 2
@@ -24,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dispatch-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(config.log_level, json_lines=config.log_json)
+    tune_garbage_collection()
     problems: list[str] = []
     try:
         grpc_bridge.run(connection.run_agent, config)

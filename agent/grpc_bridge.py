@@ -65,7 +65,13 @@ async def open_stream(
                 raise trio.BrokenResourceError(
                     f"connect to {server}: no connection within {connect_timeout_s:.1f} s"
                 ) from None
-            yield StreamLink(stream, peer=server, max_message_bytes=max_message_bytes)
+            link = StreamLink(stream, peer=server, max_message_bytes=max_message_bytes)
+            await aio(link.start)()
+            try:
+                yield link
+            finally:
+                with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+                    await aio(link.stop)(drain_s=1.0)
         finally:
             with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
                 await _quietly(aio(_exit_stream), stream)

@@ -73,10 +73,16 @@ class StrictProtoCodec(grpclib.encoding.proto.ProtoCodec):
     an unknown wire type as None) and raises assorted errors on truncated input; here a message
     that does not decode, or does not encode back, is a ``MalformedMessage``."""
 
+    def __init__(self, *, round_trip: Callable[[Any], bool] | None = None) -> None:
+        # Encoding back costs as much as decoding: a caller that checks the fields it uses itself
+        # (the daemon's ledger checks every event it stores) can skip it for those messages.
+        self._round_trip = round_trip
+
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:
             message = message_type.FromString(data)
-            bytes(message)
+            if self._round_trip is None or self._round_trip(message):
+                bytes(message)
         except Exception as exc:  # whatever the codec raises: the bytes are not a message
             raise MalformedMessage(
                 f"not a well-formed {message_type.__name__} ({type(exc).__name__}: {exc})"
@@ -87,49 +93,134 @@ class StrictProtoCodec(grpclib.encoding.proto.ProtoCodec):
 class StreamLink:
     """A trio-flavored ``common.link.Link`` over one grpclib stream (client or server side).
 
+    Messages are pumped, not carried across the bridge one by one: an asyncio reader task hands
+    each received message to a trio memory channel with ``send_nowait`` (trio-asyncio runs asyncio
+    in the trio thread), and trio-side sends go into an asyncio queue drained by an asyncio writer
+    task. A bridge hop happens only when a buffer is full (backpressure), so the per-message cost
+    is grpclib's and the codec's alone. ``start()`` (asyncio-flavored) begins the pumps once the
+    stream exists; ``stop()`` ends them. A failure of either pump is kept and raised, mapped to
+    trio's vocabulary, by the next ``receive`` or ``send``.
+
     ``max_message_bytes`` is checked against the 5-byte gRPC message header before grpclib reads
     the body, since grpclib itself would buffer whatever length the peer declares.
     """
 
-    def __init__(self, stream: Any, *, peer: str, max_message_bytes: int) -> None:
+    def __init__(
+        self, stream: Any, *, peer: str, max_message_bytes: int, buffer_messages: int = 64
+    ) -> None:
         self._stream = stream
         self.peer = peer
         self._max_message_bytes = max_message_bytes
-        self._send_lock = trio.Lock()
+        self._inbox_send, self._inbox = trio.open_memory_channel[Any](buffer_messages)
+        self._outbox: asyncio.Queue[Any] = asyncio.Queue(buffer_messages)
+        self._tasks: list[asyncio.Task[None]] = []
+        # Kept apart: a peer that sent garbage can still be told why its stream ends.
+        self._read_failure: trio.BrokenResourceError | None = None
+        self._write_failure: trio.BrokenResourceError | None = None
         self._closed = False
-        self._guarded = False
         self.last_message_bytes = 0  # declared length of the last message received
         # trio.current_time() when the last bytes of any message arrived: a peer that is busy
         # sending one large message over a slow link is alive, though no message is complete.
         self.last_bytes_at = 0.0
 
+    # ------------------------------------------------------------------ asyncio side
+
+    async def start(self) -> None:
+        """Asyncio-flavored. Begin pumping (a client stream: after ``send_request``)."""
+        _install_size_guard(self._stream, self._max_message_bytes, self)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read()), loop.create_task(self._write())]
+
+    async def stop(self, *, drain_s: float = 0.0) -> None:
+        """Asyncio-flavored. Give queued messages up to ``drain_s`` to leave, then end the pumps."""
+        if drain_s > 0 and self._write_failure is None and self._tasks:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._outbox.join(), drain_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._inbox_send.close()
+
+    async def _read(self) -> None:
+        try:
+            while (message := await self._stream.recv_message()) is not None:
+                try:
+                    self._inbox_send.send_nowait(message)
+                except trio.WouldBlock:  # the trio side is behind: wait for it (backpressure)
+                    await trio_handler(self._inbox_send.send)(message)
+        except asyncio.CancelledError:  # stop(): a pump is only ever cancelled by its owner
+            raise
+        except (MessageTooLarge, MalformedMessage) as exc:
+            self._read_failure = self._read_failure or exc
+        except _FOREIGN_ERRORS as exc:  # the connection itself broke: both directions are gone
+            broken = trio.BrokenResourceError(
+                f"receive from {self.peer}: {type(exc).__name__}: {exc}"
+            )
+            self._read_failure = self._read_failure or broken
+            self._write_failure = self._write_failure or broken
+        finally:
+            self._inbox_send.close()
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                message = await self._outbox.get()
+                try:
+                    if message is _END:
+                        await self._stream.end()
+                    else:
+                        await self._stream.send_message(message)
+                finally:
+                    self._outbox.task_done()
+        except asyncio.CancelledError:
+            raise
+        except _FOREIGN_ERRORS as exc:
+            self._write_failure = self._write_failure or trio.BrokenResourceError(
+                f"send to {self.peer}: {type(exc).__name__}: {exc}"
+            )
+            self._inbox_send.close()  # the reader may wait for ever on a stream that broke
+
+    # ------------------------------------------------------------------ trio side
+
     async def send(self, message: Any) -> None:
+        await self._put(message)
+
+    async def send_end(self) -> None:
+        """Half-close: tell the peer no more messages follow (client side)."""
+        await self._put(_END)
+
+    async def _put(self, message: Any) -> None:
         if self._closed:
             raise trio.ClosedResourceError("link closed")
-        async with self._send_lock:
+        _raise(self._write_failure)
+        try:
+            self._outbox.put_nowait(message)
+            await trio.lowlevel.checkpoint()
+        except asyncio.QueueFull:  # the peer reads slowly: wait for room (backpressure)
             with mapped_errors(f"send to {self.peer}"):
-                await aio(self._stream.send_message)(message)
+                await aio(self._outbox.put)(message)
 
     async def receive(self) -> Any:
         if self._closed:
             raise trio.ClosedResourceError("link closed")
-        if not self._guarded:  # a client stream has its HTTP/2 stream only once the request is sent
-            _install_size_guard(self._stream, self._max_message_bytes, self)
-            self._guarded = True
-        with mapped_errors(f"receive from {self.peer}"):
-            message = await aio(self._stream.recv_message)()
-        if message is None:
-            raise trio.EndOfChannel
-        return message
-
-    async def send_end(self) -> None:
-        """Half-close: tell the peer no more messages follow (client side)."""
-        async with self._send_lock:
-            with mapped_errors(f"end stream to {self.peer}"):
-                await aio(self._stream.end)()
+        try:
+            return await self._inbox.receive()
+        except trio.EndOfChannel:
+            _raise(self._read_failure or self._write_failure)
+            raise
 
     async def aclose(self) -> None:
         self._closed = True
+
+
+_END = object()  # in the outbox: half-close the stream
+
+
+def _raise(failure: trio.BrokenResourceError | None) -> None:
+    if failure is not None:
+        raise type(failure)(*failure.args)
 
 
 def _install_size_guard(stream: Any, max_message_bytes: int, link: StreamLink) -> None:

@@ -28,6 +28,8 @@ def malformed(event: pb.Event) -> str | None:
         if not isinstance(value.data, bytes | bytearray):
             return "output data is not bytes"
     elif kind == "finished":
+        if not isinstance(value.error, str):
+            return "finished error is not text"
         for name in ("exit_code", "signal", "stdout_bytes", "stderr_bytes", "duration_ns"):
             numbers[name] = getattr(value, name)
     for name, number in numbers.items():

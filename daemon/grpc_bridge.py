@@ -52,6 +52,7 @@ _STATUS = {
     "unavailable": grpclib.const.Status.UNAVAILABLE,
 }
 
+_DRAIN_S = 2.0
 StreamHandler = Callable[[Link, str | None, frozenset[str] | None], Awaitable[StreamEnd | None]]
 
 
@@ -75,7 +76,12 @@ class _AgentService(pb.AgentServiceBase):
         credential = _bearer(stream.metadata)
         names = peer_names(stream.peer.cert())
         link = StreamLink(stream, peer=peer, max_message_bytes=self._max_message_bytes)
-        end = await self._handle_stream(link, credential, names)
+        await link.start()
+        try:
+            end = await self._handle_stream(link, credential, names)
+        finally:
+            # What the session queued last (a refusal, acknowledgements) leaves before the end.
+            await link.stop(drain_s=_DRAIN_S)
         if end is not None:
             raise grpclib.exceptions.GRPCError(_STATUS[end.status], end.message)
 
@@ -101,7 +107,10 @@ async def serve_grpc(
     """Trio-flavored. Serve the agent port until cancelled; reports the bound address.
     ``tls`` (``common.tls.server_context``) serves it over TLS; None, in plaintext."""
     server = grpclib.server.Server(
-        [_AgentService(handle_stream, max_message_bytes)], codec=StrictProtoCodec()
+        [_AgentService(handle_stream, max_message_bytes)],
+        # Event batches (nearly all traffic) are checked field by field by the ledger
+        # (daemon.agent_events.malformed); everything else is checked by encoding it back.
+        codec=StrictProtoCodec(round_trip=lambda message: message.events is None),
     )
     await aio(server.start)(host, port, backlog=backlog, reuse_address=True, ssl=tls)
     sockets = server._server.sockets if server._server is not None else []

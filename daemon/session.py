@@ -32,6 +32,7 @@ from daemon.database import Database
 from daemon.enrollment import Admitted, Enrollment
 from daemon.grpc_bridge import StreamEnd
 from daemon.identity import HostIdentity, Refused
+from daemon.liveness import Liveness
 from daemon.registry import HostRevoked, Registry
 from daemon.throttle import StreamLimits
 from daemon.writer import Writer, first_cause
@@ -64,7 +65,8 @@ class Session:
         self.protocol_error: Refused | None = None  # how the agent broke the protocol, if it did
         self.heard = False  # any message after the welcome
         self.last_seen_at = time.time()
-        self._last_seen_clock = trio.current_time()
+        self._last_seen_clock = self._last_sent_clock = trio.current_time()
+        self._heartbeat_due = False
         self._link = link
         self._writer = writer
         self._heartbeat_interval_s = heartbeat_interval_s
@@ -109,7 +111,6 @@ class Session:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive_loop)
                 nursery.start_soon(self._send_loop)
-                nursery.start_soon(self._watchdog)
 
     async def _receive_loop(self) -> None:
         try:
@@ -149,12 +150,16 @@ class Session:
     async def _send_loop(self) -> None:
         try:
             while True:
-                with trio.move_on_after(self._heartbeat_interval_s):
-                    await self._wakeup.wait()
+                await self._wakeup.wait()
                 self._wakeup = trio.Event()  # before taking: later additions wake us again
-                messages = self._take_pending() or [pb.ServerMessage(heartbeat=pb.Heartbeat())]
+                messages = self._take_pending()
+                if not messages and self._heartbeat_due:
+                    messages = [pb.ServerMessage(heartbeat=pb.Heartbeat())]
+                self._heartbeat_due = False
                 for message in messages:
                     await self._link.send(message)
+                if messages:
+                    self._last_sent_clock = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.close(f"connection lost ({exc})")
 
@@ -182,15 +187,15 @@ class Session:
                 messages.append(pb.ServerMessage(acks=pb.AckBatch(acks=chunk)))
         return messages
 
-    async def _watchdog(self) -> None:
-        while True:
-            # Bytes of a message still arriving count as hearing from the agent.
-            heard = max(self._last_seen_clock, getattr(self._link, "last_bytes_at", 0.0))
-            deadline = heard + self._heartbeat_ttl_s
-            if trio.current_time() >= deadline:
-                self.close(f"silent for {self._heartbeat_ttl_s:g} s (heartbeat TTL)")
-                return
-            await trio.sleep_until(deadline)
+    def check_liveness(self, now: float) -> None:
+        """Called by the liveness ticker: close a silent stream, queue a heartbeat when due."""
+        # Bytes of a message still arriving count as hearing from the agent.
+        heard = max(self._last_seen_clock, getattr(self._link, "last_bytes_at", 0.0))
+        if now - heard >= self._heartbeat_ttl_s:
+            self.close(f"silent for {self._heartbeat_ttl_s:g} s (heartbeat TTL)")
+        elif now - self._last_sent_clock >= self._heartbeat_interval_s:
+            self._heartbeat_due = True
+            self._wakeup.set()
 
 
 def refusal_for(exc: MessageTooLarge | MalformedMessage) -> Refused:
@@ -203,6 +208,8 @@ def refusal_for(exc: MessageTooLarge | MalformedMessage) -> Refused:
 def _age_s(sent_ns: int, event_ns: int) -> float:
     """How long before sending the agent saw the event, by its monotonic clock; a clock that
     went backwards (a replay from before a reboot) counts as no age at all."""
+    if not isinstance(sent_ns, int) or not isinstance(event_ns, int):
+        return 0.0  # malformed: the ledger refuses the event itself
     if not sent_ns or not event_ns or event_ns > sent_ns:
         return 0.0
     return (sent_ns - event_ns) / 1e9
@@ -220,6 +227,7 @@ class SessionManager:
         heartbeat_interval_s: float,
         heartbeat_ttl_s: float,
         stream_limits: StreamLimits | None = None,
+        max_heartbeats_per_s: float = 100.0,
         daemon_version: str,
         audit: AuditLog | None = None,
     ) -> None:
@@ -229,8 +237,8 @@ class SessionManager:
         self._authenticator = authenticator
         self._audit = audit
         self._hello_timeout_s = hello_timeout_s
-        self._heartbeat_interval_s = heartbeat_interval_s
-        self._heartbeat_ttl_s = heartbeat_ttl_s
+        self._liveness = Liveness(interval_s=heartbeat_interval_s, ttl_s=heartbeat_ttl_s,
+                                  max_heartbeats_per_s=max_heartbeats_per_s)  # fmt: skip
         self._stream_limits = stream_limits
         self._daemon_version = daemon_version
 
@@ -296,13 +304,14 @@ class SessionManager:
         self, link: Link, admitted: Admitted, hello: pb.Hello, generation: int
     ) -> StreamEnd | None:
         identity = admitted.identity
+        cadence = self._liveness.cadence(self._registry.statistics().connected)
         session = Session(
             link,
             identity,
             hello,
             writer=self._writer,
-            heartbeat_interval_s=self._heartbeat_interval_s,
-            heartbeat_ttl_s=self._heartbeat_ttl_s,
+            heartbeat_interval_s=cadence.interval_s,
+            heartbeat_ttl_s=cadence.ttl_s,
             limits=self._stream_limits,
         )
         host_id = identity.host_id
@@ -327,8 +336,8 @@ class SessionManager:
         try:
             welcome = pb.Welcome(
                 host_id=host_id,
-                heartbeat_interval_ms=int(self._heartbeat_interval_s * 1000),
-                heartbeat_ttl_ms=int(self._heartbeat_ttl_s * 1000),
+                heartbeat_interval_ms=int(cadence.interval_s * 1000),
+                heartbeat_ttl_ms=int(cadence.ttl_s * 1000),
                 daemon_version=self._daemon_version,
                 credential=admitted.credential or "",
             )
@@ -365,6 +374,12 @@ class SessionManager:
         if refused is not None:
             return await self._refuse(link, hello, refused)
         return None
+
+    async def serve_liveness(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Heartbeats out and silent streams closed, for every session (``daemon.liveness``)."""
+        await self._liveness.serve(self._registry.sessions, task_status=task_status)  # type: ignore[arg-type]
 
     async def serve_presence(
         self, *, interval_s: float, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -242,13 +242,15 @@ class DaemonStub:
         }
 
     async def _handle(self, stream: Any) -> None:
-        accepted = Accepted(
-            StreamLink(stream, peer="agent", max_message_bytes=1 << 20),
-            dict(stream.metadata),
-            stream._stream._transport,
-        )
-        await self._send.send(accepted)
-        await accepted.done.wait()  # the stream lives until the test ends it
+        link = StreamLink(stream, peer="agent", max_message_bytes=1 << 20)
+        await aio(link.start)()
+        accepted = Accepted(link, dict(stream.metadata), stream._stream._transport)
+        try:
+            await self._send.send(accepted)
+            await accepted.done.wait()  # the stream lives until the test ends it
+        finally:
+            with trio.CancelScope(shield=True):
+                await aio(link.stop)(drain_s=1.0)
 
     @property
     def address(self) -> str:

@@ -162,6 +162,7 @@ async def open_daemon(
         hosts = HostAdmin(database, registry=registry, follower=follower)
         async with trio.open_nursery() as inner:
             await inner.start(scheduler.serve)
+            await inner.start(manager.serve_liveness)
             yield Daemon(database, registry, manager, hosts, tasks, inner)
             inner.cancel_scope.cancel()
     db.close_all()

@@ -99,6 +99,7 @@ async def serve_port(
                                  require_certificate=require_certificate),
         hello_timeout_s=2, heartbeat_interval_s=0.5, heartbeat_ttl_s=5, daemon_version="test",
     )  # fmt: skip
+    await nursery.start(manager.serve_liveness)
     seen: list[frozenset[str] | None] = []
 
     async def handle(link: Any, credential: str | None, names: frozenset[str] | None) -> Any:

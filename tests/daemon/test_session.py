@@ -76,6 +76,7 @@ async def port(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Port]:
             heartbeat_interval_s=0.1, heartbeat_ttl_s=0.6, daemon_version="test",
         )  # fmt: skip
         async with trio.open_nursery() as inner:
+            await inner.start(manager.serve_liveness)
             yield Port(manager, registry, writer, database, inner)
             inner.cancel_scope.cancel()
     db.close_all()
