@@ -72,10 +72,11 @@ class Access:
 VIEWER, OPERATOR, ADMIN = Access(Role.VIEWER), Access(Role.OPERATOR), Access(Role.ADMIN)
 
 # Every route by endpoint (the view function's name): its minimum role and audit action. The
-# only routes not here are the @public ones (/healthz).
+# only routes not here are the @public ones (/healthz, and the web console's files).
 ROUTES: dict[str, Access] = {
     "openapi": VIEWER,
     "metrics": VIEWER,
+    "whoami": VIEWER,  # daemon.web_routes: the console asks who its token is
     "list_hosts": VIEWER,
     "get_host": VIEWER,
     "list_tasks": VIEWER,

@@ -112,17 +112,25 @@ def _groups(task_id: int, max_groups: int, hosts_per_group: int, preview_bytes: 
     for command_index, digest, exit_code, host_id in members:
         hosts.setdefault((command_index, digest, exit_code), []).append(host_id)
 
-    # the start of one member's stdout per group (its first stored chunk), in one query
+    # the start of one member's stdout per group, in one query: the chunks that begin within
+    # the preview, joined while they follow each other (output streamed line by line comes in
+    # many small chunks)
     representatives = [row[4] for row in rows]
-    previews = dict(
-        OutputChunk.select(OutputChunk.command_host, fn.SUBSTR(OutputChunk.data, 1, preview_bytes))
+    chunks = (
+        OutputChunk.select(OutputChunk.command_host, OutputChunk.offset, OutputChunk.data)
         .where(
             OutputChunk.command_host.in_(representatives),
             OutputChunk.stream == 1,
-            OutputChunk.offset == 0,
+            OutputChunk.offset < preview_bytes,
         )
+        .order_by(OutputChunk.command_host, OutputChunk.offset)
         .tuples()
     )
+    previews: dict[int, bytes] = {}
+    for ch_id, offset, data in chunks:
+        have = previews.get(ch_id, b"")
+        if offset == len(have):
+            previews[ch_id] = (have + bytes(data))[:preview_bytes]
     groups = []
     for command_index, digest, exit_code, count, representative in rows:
         head = previews.get(representative)

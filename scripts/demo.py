@@ -143,8 +143,10 @@ for execution in api("GET", f"/api/v1/tasks/{task_id}/executions")["items"]:
 CURL = 'curl -H "Authorization: Bearer $DISPATCH_TOKEN"'
 print(f"""
 dispatchd is running with 3 agents. Where to look next:
+  web console      {URL}/   sign in with the API token: {API_TOKEN}
   API token        export DISPATCH_TOKEN=$(cat {RUN / "api.token"})
-  the task         {CURL} {URL}/api/v1/tasks/{task_id}
+  the task         {URL}/#/tasks/{task_id}
+                   {CURL} {URL}/api/v1/tasks/{task_id}
   its executions   {CURL} {URL}/api/v1/tasks/{task_id}/executions
   live events      {CURL} -N {URL}/api/v1/tasks/{task_id}/events
   hosts            {CURL} {URL}/api/v1/hosts
