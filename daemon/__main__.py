@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from common import grpc_bridge
+from common import grpc_bridge, sd_notify
 from common.logs import configure_logging
+from common.runtime import tune_garbage_collection
 from common.settings import SettingsError
 from daemon import server
 from daemon.config import load_config
@@ -24,10 +26,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dispatchd: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, json_lines=config.log_json)
+    tune_garbage_collection()
     if config.insecure:
         logger.warning("running with --insecure: agents and API callers are not authenticated")
     try:
-        grpc_bridge.run(server.serve, config)
+        notifier = sd_notify.from_environ(os.environ)  # Type=notify under systemd
+        grpc_bridge.run(functools.partial(server.serve, notifier=notifier), config)
     except BaseException as exc:
         startup = _find(exc, StartupError)
         if startup is not None:

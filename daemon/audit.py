@@ -174,7 +174,8 @@ class AuditLog:
             event_id = await self._database.write(insert_event, record, time.time())
         except peewee.DatabaseError as exc:
             self._failures += 1
-            logger.error("audit: cannot record %s by %s: %s", record.action, record.actor, exc)
+            logger.error("audit: cannot record %s of %s by %s: %s", record.action,
+                         record.target or "-", record.actor, exc)  # fmt: skip
             raise errors.Unavailable(
                 "the audit log cannot be written, so no change is made; try again later"
             ) from None
@@ -226,10 +227,12 @@ class AuditLog:
                 self._recorded += 1
             if waited.cancelled_caught:
                 self._dropped += 1
-                logger.warning("audit: %s by %s not written in time", record.action, record.actor)
+                logger.warning("audit: %s of %s by %s not written in time", record.action,
+                               record.target or "-", record.actor)  # fmt: skip
         except peewee.DatabaseError as exc:
             self._failures += 1
-            logger.error("audit: cannot record %s by %s: %s", record.action, record.actor, exc)
+            logger.error("audit: cannot record %s of %s by %s: %s", record.action,
+                         record.target or "-", record.actor, exc)  # fmt: skip
         finally:
             self._denial_slots.release()
 

@@ -87,6 +87,11 @@ class DaemonConfig:
         "timeout (or a cancel) before the daemon records it without the agent's word",
     )
     heartbeat_interval_s: float = setting(5.0, help="heartbeat period in both directions")
+    max_heartbeats_per_s: float = setting(
+        100.0,
+        help="heartbeats the whole fleet may send per second each way: a stream's interval "
+        "(and TTL) grows beyond --heartbeat-interval-s when this many agents are connected",
+    )
     heartbeat_ttl_s: float = setting(
         15.0, help="a stream silent for this long is considered dead and closed"
     )
@@ -129,6 +134,25 @@ class DaemonConfig:
     shutdown_grace_s: float = setting(
         10.0, help="on SIGTERM, time allowed for the front doors to close and the writer to flush"
     )
+    retention_days: float = setting(
+        0.0,
+        help="delete finished tasks (with their executions and output), audit events and host "
+        "connection records older than this many days; 0 keeps everything",
+        metavar="DAYS",
+    )
+    retention_interval_s: float = setting(
+        3600.0, help="how often the retention pass runs (when --retention-days is set)"
+    )
+    retention_batch_tasks: int = setting(
+        500,
+        help="tasks deleted per transaction by the retention pass (rows of other tables: "
+        "ten times as many)",
+    )
+    retention_pause_s: float = setting(
+        0.2,
+        help="pause between two retention transactions, so the writer and the API are "
+        "never starved",
+    )
     log_level: str = setting("info", help="debug, info, warning or error")
     log_json: bool = setting(False, help="log one JSON object per line")
 
@@ -140,15 +164,17 @@ class DaemonConfig:
                 raise SettingsError("--" + name.replace("_", "-"), str(exc)) from None
         positive = (
             "max_running_executions", "agent_max_messages_per_s", "agent_max_bytes_per_s",
-            "max_running_tasks", "heartbeat_interval_s",
+            "max_running_tasks", "heartbeat_interval_s", "max_heartbeats_per_s",
             "hello_timeout_s", "max_output_bytes", "max_message_bytes", "grpc_backlog",
             "writer_batch_events", "writer_batch_age_s",
             "writer_queue_items", "db_read_threads", "http_max_body_bytes",
             "max_targets_per_task", "sse_buffer_events", "shutdown_grace_s", "db_busy_timeout_ms",
+            "retention_interval_s", "retention_batch_tasks",
         )  # fmt: skip
         for name in positive:
             check(getattr(self, name) > 0, "--" + name.replace("_", "-"), "must be greater than 0")
-        for name in ("agent_grace_s", "kill_grace_s", "report_margin_s"):
+        for name in ("agent_grace_s", "kill_grace_s", "report_margin_s", "retention_days",
+                     "retention_pause_s"):  # fmt: skip
             check(getattr(self, name) >= 0, "--" + name.replace("_", "-"), "must not be negative")
         check(
             self.heartbeat_ttl_s > self.heartbeat_interval_s,

@@ -34,9 +34,18 @@ def _v2_enrollment(db: Database, migrator: SchemaMigrator) -> None:
     db.execute_sql("CREATE INDEX IF NOT EXISTS host_enrollment ON host (enrollment)")
 
 
+def _v3_retention_indexes(db: Database, migrator: SchemaMigrator) -> None:
+    """The retention pass finds old rows by a range on these columns (names as peewee's
+    ``create_tables`` gives them, so a fresh database has the same ones)."""
+    for table, column in (("task", "finished_at"), ("host_connection", "disconnected_at")):
+        if db.table_exists(table):  # else create_tables makes it, with the index
+            db.execute_sql(f"CREATE INDEX IF NOT EXISTS {table}_{column} ON {table} ({column})")
+
+
 # (version reached, what it changes, the step); versions are consecutive from 2.
 STEPS: list[tuple[int, str, Callable[[Database, SchemaMigrator], None]]] = [
     (2, "host enrolment state and credential", _v2_enrollment),
+    (3, "indexes for the retention pass", _v3_retention_indexes),
 ]
 LATEST = STEPS[-1][0] if STEPS else 1
 

@@ -19,7 +19,7 @@ import logging
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -28,7 +28,8 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from common import tls
-from daemon import __version__, grpc_bridge, host_records, http_api, store
+from common.sd_notify import Notifier
+from daemon import __version__, grpc_bridge, host_records, http_api, store, web_routes
 from daemon.api_auth import ApiAccess
 from daemon.api_schemas import HttpLimits
 from daemon.audit import AuditLog
@@ -40,12 +41,14 @@ from daemon.errors import StartupError
 from daemon.executions import ExecutionFollower
 from daemon.host_admin import HostAdmin
 from daemon.live import LiveHub
-from daemon.metrics import metrics_renderer
+from daemon.metrics import Metrics
 from daemon.registry import Registry
+from daemon.retention import Retention
 from daemon.scheduler import Scheduler
 from daemon.session import SessionManager
 from daemon.tasks import TaskService
 from daemon.throttle import StreamLimits
+from daemon.transition_metrics import TransitionMetrics
 from daemon.writer import open_writer
 
 logger = logging.getLogger(__name__)
@@ -63,10 +66,13 @@ async def serve(
     config: DaemonConfig,
     *,
     shutdown: trio.Event | None = None,
+    notifier: Notifier | None = None,
     task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the daemon until SIGTERM/SIGINT (or ``shutdown`` is set)."""
+    """Run the daemon until SIGTERM/SIGINT (or ``shutdown`` is set); ``notifier`` tells systemd
+    when both doors listen (READY=1) and when shutdown begins (STOPPING=1)."""
     shutdown = shutdown or trio.Event()
+    notifier = notifier or Notifier(None)
     agent_tls = _agent_port_tls(config)
     database = await _open_database(config)
     offline = await database.write(host_records.reset_presence, time.time())
@@ -105,12 +111,20 @@ async def serve(
             heartbeat_ttl_s=config.heartbeat_ttl_s, daemon_version=__version__, audit=audit,
             stream_limits=StreamLimits(config.agent_max_messages_per_s,
                                        config.agent_max_bytes_per_s),
+            max_heartbeats_per_s=config.max_heartbeats_per_s,
         )  # fmt: skip
-        render_metrics = metrics_renderer({
+        retention = Retention(
+            database, days=config.retention_days, interval_s=config.retention_interval_s,
+            batch_tasks=config.retention_batch_tasks, pause_s=config.retention_pause_s,
+        )  # fmt: skip
+        transitions = TransitionMetrics()
+        writer.observe_transitions(transitions)
+        metrics = Metrics({
             "registry": registry.statistics, "writer": writer.statistics,
             "dispatcher": dispatcher.statistics, "scheduler": scheduler.statistics,
             "live": live.statistics, "database": database.statistics, "audit": audit.statistics,
-        })  # fmt: skip
+            "retention": retention.statistics,
+        }, database=database, transitions=transitions)  # fmt: skip
         app = http_api.create_app(
             database=database, tasks=tasks, live=live, api_token=config.resolved_api_token(),
             access=ApiAccess(database, bootstrap_token=config.resolved_api_token()), audit=audit,
@@ -120,10 +134,14 @@ async def serve(
                 max_targets=config.max_targets_per_task,
                 sse_buffer_events=config.sse_buffer_events,
             ),
-            extra_routes=functools.partial(_metrics_route, render=render_metrics),
+            extra_routes=functools.partial(
+                _extra_routes, render=metrics.render, refresh=metrics.refresh
+            ),
         )  # fmt: skip
         async with trio.open_nursery() as work:
             await work.start(scheduler.serve)
+            await work.start(retention.serve)
+            await work.start(sessions.serve_liveness)
             await work.start(
                 functools.partial(sessions.serve_presence, interval_s=_PRESENCE_INTERVAL_S)
             )
@@ -150,7 +168,10 @@ async def serve(
                     *http_address,
                 )
                 task_status.started(Addresses(grpc_address, http_address))
+                notifier.ready(f"agents on {grpc_address[0]}:{grpc_address[1]}, "
+                               f"HTTP on {http_address[0]}:{http_address[1]}")  # fmt: skip
                 await shutdown.wait()
+                notifier.stopping("closing the agent port and the HTTP API")
                 logger.info("shutting down: closing the agent port and the HTTP API")
                 doors.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_s
                 doors.cancel_scope.cancel()
@@ -159,10 +180,28 @@ async def serve(
     logger.info("the writer has flushed; dispatchd stopped")
 
 
-def _metrics_route(app: QuartTrio, *, render: Callable[[], bytes]) -> None:
+def _extra_routes(
+    app: QuartTrio,
+    *,
+    render: Callable[[], bytes],
+    refresh: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Routes owned outside the API modules: /metrics and the web console."""
+    _metrics_route(app, render=render, refresh=refresh)
+    web_routes.register_web_routes(app)
+
+
+def _metrics_route(
+    app: QuartTrio,
+    *,
+    render: Callable[[], bytes],
+    refresh: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus text format."""
+        if refresh is not None:
+            await refresh()
         return Response(render(), content_type=CONTENT_TYPE_LATEST)
 
 

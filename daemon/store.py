@@ -102,7 +102,7 @@ class HostConnection(_Model):
     id = BigAutoField()
     host_id = TextField(index=True)
     connected_at = DoubleField()
-    disconnected_at = DoubleField(null=True)
+    disconnected_at = DoubleField(null=True, index=True)  # the retention pass's range scan
     address = TextField(default="")
     agent_version = TextField(default="")
     close_reason = TextField(null=True)
@@ -115,7 +115,7 @@ class Task(_Model):
     created_at = DoubleField(index=True)
     queued_at = DoubleField(null=True)
     started_at = DoubleField(null=True)
-    finished_at = DoubleField(null=True)
+    finished_at = DoubleField(null=True, index=True)  # the retention pass's range scan
     targets = TextField()  # JSON: what was asked for ({"hosts": [...], "labels": {...}})
     max_concurrency = IntegerField(null=True)
     max_failures = IntegerField(null=True)

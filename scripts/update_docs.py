@@ -1,4 +1,5 @@
-"""Rewrite the configuration reference in README.md from the settings dataclasses.
+"""Rewrite the generated configuration reference: the tables in README.md and the whole of
+docs/configuration.md, from the settings dataclasses.
 
     .venv/bin/python scripts/update_docs.py
 """
@@ -11,9 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from config_reference import reference  # noqa: E402
+from config_reference import configuration_md, reference  # noqa: E402
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+CONFIGURATION = ROOT / "docs" / "configuration.md"
 SECTION = re.compile(
     r"(<!-- config-reference:start[^>]*-->\n)(.*?)(<!-- config-reference:end -->)", re.S
 )
@@ -25,3 +28,5 @@ def updated(text: str) -> str:
 
 if __name__ == "__main__":
     README.write_text(updated(README.read_text()))
+    CONFIGURATION.parent.mkdir(exist_ok=True)
+    CONFIGURATION.write_text(configuration_md())

@@ -42,3 +42,21 @@ def test_a_database_from_a_newer_dispatchd_is_refused(db_url: str) -> None:
     with pytest.raises(RuntimeError, match="upgrade dispatchd"):
         store.create_schema(db)
     db.close_all()
+
+
+def test_a_version_2_database_gains_the_retention_indexes(db_url: str) -> None:
+    db = store.open_database(db_url)
+    store.bind(db)
+    store.create_schema(db)
+    with db.connection_context():  # as dispatchd 0.1 with schema version 2 left it
+        db.execute_sql("DROP INDEX task_finished_at")
+        db.execute_sql("DROP INDEX host_connection_disconnected_at")
+        store.SchemaVersion.update(version=2).execute()
+    store.create_schema(db)
+    with db.connection_context():
+        assert "task_finished_at" in {index.name for index in db.get_indexes("task")}
+        assert "host_connection_disconnected_at" in {
+            index.name for index in db.get_indexes("host_connection")
+        }
+        assert [row.version for row in store.SchemaVersion.select()] == [3]
+    db.close_all()
