@@ -47,6 +47,8 @@ class Session:
         )
         self.heartbeat_ttl_s = welcome.heartbeat_ttl_ms / 1000 or config.heartbeat_ttl_s
         self._last_heard = trio.current_time()
+        self._cadence_changed = trio.Event()  # wakes the heartbeat sender
+        self._ttl_changed = trio.Event()  # wakes the watchdog
         self._reason = ""
         self._refused = False
         self._scope: trio.CancelScope | None = None
@@ -99,7 +101,9 @@ class Session:
                 )
                 self._end(f"refused ({value.code})", refused=True)
                 return
-            elif kind != "heartbeat":
+            elif isinstance(value, pb.Heartbeat):
+                self._adopt_cadence(value)
+            else:
                 logger.warning(
                     "host %s: ignoring an unexpected %s message",
                     self._config.host_id,
@@ -115,11 +119,26 @@ class Session:
             if not await self._send(agent_message(events=pb.EventBatch(events=batch))):
                 return
 
+    def _adopt_cadence(self, heartbeat: pb.Heartbeat) -> None:
+        """The daemon stretches (or shortens) the cadence as its fleet changes; a shorter
+        interval must start now, not after the longer sleep already begun."""
+        interval_s, ttl_s = heartbeat.interval_ms / 1000, heartbeat.ttl_ms / 1000
+        if interval_s and ttl_s and (interval_s, ttl_s) != (self.heartbeat_interval_s,
+                                                          self.heartbeat_ttl_s):  # fmt: skip
+            self.heartbeat_interval_s, self.heartbeat_ttl_s = interval_s, ttl_s
+            self._cadence_changed.set()
+            self._ttl_changed.set()
+
     async def _send_heartbeats(self) -> None:
+        last_sent = trio.current_time()
         while True:
-            await trio.sleep(self.heartbeat_interval_s)
+            self._cadence_changed = trio.Event()
+            with trio.move_on_at(last_sent + self.heartbeat_interval_s):
+                await self._cadence_changed.wait()
+                continue  # a new interval, counted from the last heartbeat sent
             if not await self._send(agent_message(heartbeat=pb.Heartbeat())):
                 return
+            last_sent = trio.current_time()
 
     async def _watch(self) -> None:
         while True:
@@ -129,7 +148,9 @@ class Session:
             if trio.current_time() >= deadline:
                 self._end(f"nothing heard from the daemon for {self.heartbeat_ttl_s:.1f} s")
                 return
-            await trio.sleep_until(deadline)
+            self._ttl_changed = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._ttl_changed.wait()
 
     async def _send(self, message: pb.AgentMessage) -> bool:
         try:

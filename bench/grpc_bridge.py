@@ -108,9 +108,18 @@ class SimAgent:
                     self.credential = value.credential
                 self.stats.connects += 1
                 self.connected.set()
-                beat = asyncio.ensure_future(self._heartbeats(stream, lock))
+                # as dispatch-agent does: the daemon's interval, from the welcome and then from
+                # each of its heartbeats (it stretches the cadence as the fleet grows)
+                interval_s = value.heartbeat_interval_ms / 1000 or self.settings.heartbeat_s
+                beat = asyncio.ensure_future(self._heartbeats(stream, lock, interval_s))
                 try:
                     while (message := await stream.recv_message()) is not None:
+                        kind, value = betterproto2.which_one_of(message, "kind")
+                        wanted = value.interval_ms / 1000 if kind == "heartbeat" else 0
+                        if wanted and wanted != interval_s:
+                            beat.cancel()
+                            interval_s = wanted
+                            beat = asyncio.ensure_future(self._heartbeats(stream, lock, wanted))
                         await self._handle(stream, lock, message)
                 finally:
                     beat.cancel()
@@ -123,9 +132,10 @@ class SimAgent:
         async with lock:
             await stream.send_message(message)
 
-    async def _heartbeats(self, stream: grpclib.client.Stream, lock: asyncio.Lock) -> None:
+    async def _heartbeats(self, stream: grpclib.client.Stream, lock: asyncio.Lock,
+                          interval_s: float) -> None:  # fmt: skip
         while True:
-            await asyncio.sleep(self.settings.heartbeat_s)
+            await asyncio.sleep(interval_s)
             await self._send(stream, lock, heartbeat=pb.Heartbeat())
 
     async def _handle(self, stream: grpclib.client.Stream, lock: asyncio.Lock,

@@ -22,7 +22,12 @@ def main() -> None:
     parser.add_argument("--jitter-s", type=float, default=2.0, help="connects spread over this")
     parser.add_argument("--output-bytes", type=int, default=3, help="stdout per run")
     parser.add_argument("--chunk-bytes", type=int, default=65536, help="bytes per output event")
-    parser.add_argument("--heartbeat-s", type=float, default=10.0)
+    parser.add_argument(
+        "--heartbeat-s",
+        type=float,
+        default=10.0,
+        help="heartbeat interval when the daemon's welcome names none",
+    )
     args = parser.parse_args()
     host, _, port = args.server.rpartition(":")
     key, _, value = args.label.partition("=")

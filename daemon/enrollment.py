@@ -1,6 +1,6 @@
 """Agent enrolment: which stream may speak for which host, and the administrator's say in it.
 
-At hello (``Enrollment.admit``, called by ``daemon.session.SessionManager``):
+At hello (``Enrollment.admit``, called by ``daemon.sessions.SessionManager``):
 - the **enrolment token** (``--agent-token``) only ever enrols. An unknown host becomes
   ``pending`` (``approved`` with ``--auto-approve``); an approved host without a credential is
   issued one: 32 random bytes, urlsafe, sent once in ``Welcome.credential``, stored as its sha256

@@ -45,7 +45,7 @@ from daemon.metrics import Metrics
 from daemon.registry import Registry
 from daemon.retention import Retention
 from daemon.scheduler import Scheduler
-from daemon.session import SessionManager
+from daemon.sessions import SessionManager
 from daemon.tasks import TaskService
 from daemon.throttle import StreamLimits
 from daemon.transition_metrics import TransitionMetrics

@@ -140,6 +140,28 @@ async def test_heartbeats_are_sent_at_the_welcome_interval(
     assert 0.2 <= elapsed < 1.0
 
 
+async def test_the_daemons_heartbeat_changes_the_cadence_at_once(
+    make_config: MakeConfig, fake_daemon: FakeDaemon
+) -> None:
+    with trio.fail_after(10):
+        async with agent_for(make_config(), fake_daemon):
+            side = await fake_daemon.accept()
+            await side.welcome(interval_ms=60_000, ttl_ms=180_000)
+            await trio.sleep(0.2)
+            # the fleet shrank: the agent must not finish the minute it began sleeping
+            shorter = pb.Heartbeat(interval_ms=100, ttl_ms=2_000)
+            await side.link.send(pb.ServerMessage(heartbeat=shorter))
+            changed = trio.current_time()
+            for _ in range(3):
+                message = await side.receive()
+                assert message.heartbeat == pb.Heartbeat()
+            elapsed = trio.current_time() - changed
+            assert elapsed < 1.0  # three beats 0.1 s apart, the first due at once
+            # and the new TTL holds: a daemon silent for it (since that heartbeat) loses the stream
+            await fake_daemon.accept()
+            assert 2.0 <= trio.current_time() - changed < 3.0
+
+
 async def test_watchdog_drops_a_silent_stream_and_reconnects(
     make_config: MakeConfig, fake_daemon: FakeDaemon
 ) -> None:

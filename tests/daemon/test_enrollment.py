@@ -36,7 +36,7 @@ from daemon.host_admin import HostAdmin
 from daemon.live import LiveHub
 from daemon.registry import HostRevoked, Registry
 from daemon.scheduler import Scheduler
-from daemon.session import SessionManager
+from daemon.sessions import SessionManager
 from daemon.store import AuditEvent, CommandHost, Host, Task
 from daemon.task_records import retry_request
 from daemon.tasks import TaskService

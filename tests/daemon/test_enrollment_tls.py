@@ -26,7 +26,7 @@ from daemon.database import Database
 from daemon.enrollment import Enrollment
 from daemon.live import LiveHub
 from daemon.registry import Registry
-from daemon.session import SessionManager
+from daemon.sessions import SessionManager
 from daemon.writer import open_writer
 from proto.dispatch import v1 as pb
 
@@ -201,8 +201,11 @@ async def test_tls_without_client_certificates(
 def test_peer_names_reads_cn_and_dns_sans_only() -> None:
     cert = {
         "subject": ((("organizationName", "x"),), (("commonName", "web-1"),)),
-        "subjectAltName": (("DNS", "web-1.example"), ("IP Address", "10.0.0.1"),
-                           ("URI", "spiffe://web-2")),  # fmt: skip
+        "subjectAltName": (
+            ("DNS", "web-1.example"),
+            ("IP Address", "10.0.0.1"),
+            ("URI", "spiffe://web-2"),
+        ),  # fmt: skip
     }
     assert tls.peer_names(cert) == frozenset({"web-1", "web-1.example"})
     assert tls.peer_names({}) is None and tls.peer_names(None) is None

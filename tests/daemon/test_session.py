@@ -19,7 +19,7 @@ from daemon.enrollment import Enrollment
 from daemon.grpc_bridge import StreamEnd
 from daemon.live import LiveHub
 from daemon.registry import Registry
-from daemon.session import SessionManager
+from daemon.sessions import SessionManager
 from daemon.store import CommandHost, Host, HostConnection
 from daemon.task_records import create_task
 from daemon.taskspec import CommandSpec, TaskSpec
@@ -60,7 +60,10 @@ class Port:
 
 
 @pytest.fixture
-async def port(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Port]:
+async def port(
+    db_url: str, nursery: trio.Nursery, request: pytest.FixtureRequest
+) -> AsyncIterator[Port]:
+    max_heartbeats_per_s = getattr(request, "param", 100.0)
     db = store.open_database(db_url)
     store.bind(db)
     store.create_schema(db)
@@ -74,6 +77,7 @@ async def port(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Port]:
             authenticator=Enrollment(database, enrolment_token=TOKEN, auto_approve=True),
             hello_timeout_s=0.5,
             heartbeat_interval_s=0.1, heartbeat_ttl_s=0.6, daemon_version="test",
+            max_heartbeats_per_s=max_heartbeats_per_s,
         )  # fmt: skip
         async with trio.open_nursery() as inner:
             await inner.start(manager.serve_liveness)
@@ -187,6 +191,50 @@ async def test_heartbeats_keep_a_stream_open(port: Port) -> None:
         await trio.sleep(0.1)
         await link.send(pb.AgentMessage(heartbeat=pb.Heartbeat()))
     assert not ended.is_set() and port.registry.is_connected("h1")
+
+
+@pytest.mark.parametrize("port", [10.0], indirect=True)  # the fleet may beat 10 times a second
+async def test_the_daemons_heartbeats_tell_the_first_agents_the_cadence_of_a_grown_fleet(
+    port: Port,
+) -> None:
+    links: list[MemoryLink] = []
+
+    async def keep_alive(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:  # agents beating at 0.1 s, as their welcome said
+            task_status.started(scope)
+            while True:
+                for link in links:
+                    await link.send(pb.AgentMessage(heartbeat=pb.Heartbeat()))
+                await trio.sleep(0.1)
+
+    first, first_ended, _ = await port.connect(hello("h0"))
+    welcome = await next_kind(first, "welcome")
+    assert (welcome.heartbeat_interval_ms, welcome.heartbeat_ttl_ms) == (100, 600)
+    links.append(first)
+    beating = await port.nursery.start(keep_alive)
+    welcomes = []
+    for index in range(1, 5):
+        link, _, _ = await port.connect(hello(f"h{index}"))
+        welcomes.append(await next_kind(link, "welcome"))
+        links.append(link)
+    # each joined a fleet of `index` others: 0.2, 0.3, 0.4, 0.5 s between beats
+    assert [w.heartbeat_interval_ms for w in welcomes] == [200, 300, 400, 500]
+    # five streams at 10 beats a second: 0.5 s. The first learns it from a heartbeat, maybe in
+    # steps as the fleet grew, each more than a quarter apart; the last within a quarter of it.
+    announced = []
+    with trio.fail_after(5):
+        while not announced or announced[-1].interval_ms < 400:
+            beat = await first.receive()
+            assert beat.heartbeat is not None
+            if beat.heartbeat.interval_ms != 100:
+                announced.append(beat.heartbeat)
+    assert all(b.ttl_ms == 6 * b.interval_ms for b in announced)
+    assert announced[-1].interval_ms in (400, 500)
+    # and the longer TTL applies to it: silent for 1 s (past the old 0.6 s), it stays
+    links.remove(first)
+    await trio.sleep(1.0)
+    assert not first_ended.is_set() and port.registry.is_connected("h0")
+    beating.cancel()
 
 
 async def test_events_are_acknowledged_once_durable(port: Port) -> None:

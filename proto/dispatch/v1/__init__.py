@@ -256,7 +256,15 @@ default_message_pool.register_message("dispatch.v1", "Finished", Finished)
 
 @dataclass(eq=False, repr=False)
 class Heartbeat(betterproto2.Message):
-    pass
+    """
+    Agents send it empty. The daemon's carries the stream's current cadence: the daemon stretches
+    it as the fleet grows (and shortens it as the fleet shrinks) so the whole fleet's heartbeats
+    stay within a rate; an agent adopts non-zero values at once, as if a new Welcome had said them.
+    """
+
+    interval_ms: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+
+    ttl_ms: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
 
 
 default_message_pool.register_message("dispatch.v1", "Heartbeat", Heartbeat)
