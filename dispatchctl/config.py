@@ -48,9 +48,7 @@ class CtlConfig:
         help="PEM CA certificates that verify an https:// URL (default: the system's CAs)",
         metavar="FILE",
     )
-    request_timeout_s: float = setting(
-        30.0, help="how long one API request may take", metavar="S"
-    )
+    request_timeout_s: float = setting(30.0, help="how long one API request may take", metavar="S")
     reconnect_s: float = setting(
         60.0,
         help="how long `run` keeps trying to get the task's event stream back after it broke",

@@ -177,9 +177,18 @@ async def test_denials_are_bounded_and_never_raise() -> None:
 
 def test_details_never_carry_a_secret() -> None:
     details = json.loads(
-        safe_details({"token": "dsp_x", "credential": "c", "api_token_hash": "h",
-                      "Authorization": "Bearer x", "password": "p", "name": "n" * 300,
-                      "count": 3, "nested": {"a": 1}})  # fmt: skip
+        safe_details(
+            {
+                "token": "dsp_x",
+                "credential": "c",
+                "api_token_hash": "h",
+                "Authorization": "Bearer x",
+                "password": "p",
+                "name": "n" * 300,
+                "count": 3,
+                "nested": {"a": 1},
+            }
+        )  # fmt: skip
     )
     assert details == {"name": "n" * 200 + "…", "count": 3, "nested": "{'a': 1}"}
     assert json.loads(safe_details({f"k{i}": "v" * 150 for i in range(40)})) == {"truncated": True}

@@ -42,8 +42,16 @@ def test_transitions_count_each_start_once_and_finished_output() -> None:
     metrics([ex(1, ExecStatus.RUNNING, dispatched_at=T0 + 1, started_at=T0 + 1.25)])
     # 2 went from dispatched to finished within one batch (the writer names it once per
     # change); 1 finishes later
-    failed = ex(2, ExecStatus.FAILED, dispatched_at=T0 + 1, started_at=T0 + 1.5,
-                finished_at=T0 + 9, duration_s=7.5, stdout_bytes=10, stderr_bytes=3)
+    failed = ex(
+        2,
+        ExecStatus.FAILED,
+        dispatched_at=T0 + 1,
+        started_at=T0 + 1.5,
+        finished_at=T0 + 9,
+        duration_s=7.5,
+        stdout_bytes=10,
+        stderr_bytes=3,
+    )
     metrics([
         failed, failed,
         ex(1, ExecStatus.SUCCEEDED, dispatched_at=T0 + 1, started_at=T0 + 1.25,

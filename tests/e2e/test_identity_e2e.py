@@ -186,7 +186,8 @@ async def test_enrolment_approval_revocation_and_readmission_over_mutual_tls(
     ]  # fmt: skip
     refusals = {e["details"]["code"] for e in audit if e["action"] == "agent.refused"}
     assert {"pending_approval", "enrolled", "unauthenticated", "revoked"} <= refusals, [
-        (e["actor"], e["action"], e["details"]) for e in audit]
+        (e["actor"], e["action"], e["details"]) for e in audit
+    ]
     assert [e["actor"] for e in audit if e["action"] == "agent.enrol"] == ["agent:m1"] * 2
     forbidden = [e for e in audit if e["action"] == "auth.denied"]
     assert [(e["actor"], e["status"]) for e in forbidden] == [("token:op-1", 403)]

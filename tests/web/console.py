@@ -107,7 +107,8 @@ class Console:
         """Until the element's text contains ``text`` (e.g. output arriving)."""
         self.page.wait_for_function(
             "([sel, text]) => (document.querySelector(sel)?.textContent || '').includes(text)",
-            arg=[selector, text], timeout=timeout_ms,
+            arg=[selector, text],
+            timeout=timeout_ms,
         )
 
     def mark_no_reload(self) -> None:

@@ -69,7 +69,7 @@ async def test_two_thousand_hosts_stay_responsive(cluster: Cluster, tmp_path: Pa
         page.fill("[data-field='commands.0.script']", "echo hi")
         page.locator(".label-row input").nth(0).fill("fleet")
         page.locator(".label-row input").nth(1).fill("sim")
-        page.wait_for_selector(f".target-count[data-count='{HOSTS}']", timeout=30_000)
+        page.wait_for_selector(f".target-count[data-count='{HOSTS}']", timeout=60_000)
         page.click("button:has-text('Create and start')")
         page.wait_for_selector(".task-name:has-text('two thousand')")
         page.wait_for_selector(".task-state .badge.s-completed", timeout=120_000)
