@@ -32,6 +32,11 @@ FULL: dict[str, list[tuple[str, Callable[[], scenarios.Result]]]] = {
     "ingest": [
         ("1000 agents x 100 B chunks", lambda: scenarios.ingest(1000, 100, 20_000)),
         ("1000 agents x 16 KiB chunks", lambda: scenarios.ingest(1000, 16384, 512 * 1024)),
+        # 50 KiB/s each: 51 MB/s in all, sustained for 10 s
+        (
+            "1000 agents x 16 KiB chunks paced, 51 MB/s",
+            lambda: scenarios.ingest(1000, 16384, 512 * 1024, rate_bps=50 * 1024),
+        ),
     ],
     "storm": [(f"{n} agents", lambda n=n: scenarios.storm(n)) for n in (2000, 10000)],
 }
@@ -39,7 +44,10 @@ QUICK: dict[str, list[tuple[str, Callable[[], scenarios.Result]]]] = {
     "fanout-real": [("3 agents", lambda: scenarios.fanout_real(3))],
     "fanout-sim": [("50 agents", lambda: scenarios.fanout_sim(50, idle_cpu_s=2))],
     "skeleton": [("50 agents", lambda: scenarios.skeleton(50))],
-    "ingest": [("20 agents x 100 B chunks", lambda: scenarios.ingest(20, 100, 2000))],
+    "ingest": [
+        ("20 agents x 100 B chunks", lambda: scenarios.ingest(20, 100, 2000)),
+        ("20 agents x 1 KiB chunks paced", lambda: scenarios.ingest(20, 1024, 8192, 8192)),
+    ],
     "storm": [("50 agents", lambda: scenarios.storm(50))],
 }
 

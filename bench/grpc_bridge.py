@@ -59,6 +59,7 @@ class SimSettings:
     chunk_bytes: int = 65536
     heartbeat_s: float = 10.0
     reconnect_max_s: float = 5.0
+    output_rate_bps: float = 0.0  # stdout per run paced at this rate; 0: all of it at once
 
 
 class SimAgent:
@@ -71,6 +72,7 @@ class SimAgent:
         self.credential = settings.token
         self.connected = asyncio.Event()
         self._sent_at: dict[tuple[int, int], float] = {}
+        self._pacers: set[asyncio.Task[None]] = set()
 
     async def run_forever(self, first_delay_s: float) -> None:
         await asyncio.sleep(first_delay_s)
@@ -123,6 +125,8 @@ class SimAgent:
                         await self._handle(stream, lock, message)
                 finally:
                     beat.cancel()
+                    for pacer in list(self._pacers):
+                        pacer.cancel()
         finally:
             channel.close()
 
@@ -141,7 +145,12 @@ class SimAgent:
     async def _handle(self, stream: grpclib.client.Stream, lock: asyncio.Lock,
                       message: pb.ServerMessage) -> None:  # fmt: skip
         kind, value = betterproto2.which_one_of(message, "kind")
-        if kind == "runs":
+        if kind == "runs" and self.settings.output_rate_bps:
+            for run in value.runs:
+                pacer = asyncio.ensure_future(self._paced(stream, lock, self._answer(run)))
+                self._pacers.add(pacer)
+                pacer.add_done_callback(self._pacers.discard)
+        elif kind == "runs":
             events: list[pb.Event] = []
             for run in value.runs:
                 events += self._answer(run)
@@ -161,6 +170,22 @@ class SimAgent:
                     self.stats.acked_events += ack.seq
                 for seq in range(1, ack.seq):
                     self._sent_at.pop((ack.command_host_id, seq), None)
+
+    async def _paced(self, stream: grpclib.client.Stream, lock: asyncio.Lock,
+                     events: list[pb.Event]) -> None:  # fmt: skip
+        """A command that writes a chunk every chunk/rate seconds: started with the first chunk,
+        finished with the last; the lag counts from each send."""
+        interval_s = self.settings.chunk_bytes / self.settings.output_rate_bps
+        groups = (
+            [events[:2], *([e] for e in events[2:-2]), events[-2:]] if len(events) > 3 else [events]
+        )
+        for index, group in enumerate(groups):
+            if index:
+                await asyncio.sleep(interval_s)
+            now = time.monotonic()
+            for event in group:
+                self._sent_at[(event.command_host_id, event.seq)] = now
+            await self._send(stream, lock, events=pb.EventBatch(events=group))
 
     def _answer(self, run: pb.Run) -> list[pb.Event]:
         self.stats.runs += 1

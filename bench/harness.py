@@ -142,16 +142,17 @@ class Daemon:
             return json.load(response)
 
     def online(self) -> int:
-        count, cursor = 0, None
-        while True:
-            query = "/api/v1/hosts?status=online&limit=1000" + (
-                f"&cursor={cursor}" if cursor else ""
-            )
-            page = self.api("GET", query)
-            count += len(page["items"])
-            cursor = page.get("next_cursor")
-            if not cursor:
-                return count
+        """Agents with a live stream, from /metrics: one cheap request. (Paging through
+        /api/v1/hosts ten times a second cost the daemon more than the storm it measured.)"""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/metrics",
+            headers={"Authorization": f"Bearer {API_TOKEN}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("dispatch_agents_connected "):
+                    return int(float(line.split()[1]))
+        raise RuntimeError("/metrics has no dispatch_agents_connected")
 
     def wait_until(self, condition: Any, timeout_s: float, what: str, poll_s: float = 0.2) -> float:
         started = time.monotonic()

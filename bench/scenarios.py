@@ -145,8 +145,14 @@ def fanout_sim(n: int, *, probe_api: bool = True, idle_cpu_s: float = 0.0) -> Re
                 before = cpu_s(daemon.pid)
                 time.sleep(idle_cpu_s)
                 result["idle_cpu_percent"] = 100 * (cpu_s(daemon.pid) - before) / idle_cpu_s
-            result.update(_fan_out(daemon, {"labels": {"fleet": "sim"}}, probe_api=probe_api))
+            # the fan-out alone (time, CPU), then a second one while the progress call is made
+            # as often as it can be (its latency; the time and CPU it costs are its own)
+            result.update(_fan_out(daemon, {"labels": {"fleet": "sim"}}))
             result["rss_peak_mib"] = rss_mib(daemon.pid)
+            if probe_api:
+                loaded = _fan_out(daemon, {"labels": {"fleet": "sim"}}, probe_api=True)
+                result["elapsed_probed_s"] = loaded["elapsed_s"]
+                result.update({k: v for k, v in loaded.items() if k.startswith("api_")})
             return result
         finally:
             fleet.stop()
@@ -176,13 +182,16 @@ def skeleton(n: int) -> Result:
         fleet.stop()
 
 
-def ingest(agents: int, chunk_bytes: int, bytes_per_agent: int) -> Result:
-    """Every agent writes ``bytes_per_agent`` of stdout in chunks of ``chunk_bytes``."""
+def ingest(agents: int, chunk_bytes: int, bytes_per_agent: int, rate_bps: float = 0.0) -> Result:
+    """Every agent writes ``bytes_per_agent`` of stdout in chunks of ``chunk_bytes``: all at once
+    (what the daemon can take; the lag is mostly the burst's own queue) or paced at ``rate_bps``
+    per agent (the lag from a chunk sent to it durable, at a sustained aggregate rate)."""
     with workdir() as work:
         daemon = Daemon(work)
         daemon.start("--max-running-executions", str(max(1000, agents)))
         fleet = _start_fleet(daemon, agents, "ing", "--output-bytes", str(bytes_per_agent),
-                             "--chunk-bytes", str(chunk_bytes), "--jitter-s", "1")  # fmt: skip
+                             "--chunk-bytes", str(chunk_bytes), "--jitter-s", "1",
+                             "--output-rate", str(rate_bps))  # fmt: skip
         try:
             daemon.wait_until(lambda: fleet.total("connected") >= agents, 120, "connected")
             daemon.wait_until(lambda: daemon.online() >= agents, 120, "hosts online")

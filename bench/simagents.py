@@ -28,12 +28,15 @@ def main() -> None:
         default=10.0,
         help="heartbeat interval when the daemon's welcome names none",
     )
+    parser.add_argument("--output-rate", type=float, default=0.0,
+                        help="bytes of stdout per second per run (0: all at once)")  # fmt: skip
     args = parser.parse_args()
     host, _, port = args.server.rpartition(":")
     key, _, value = args.label.partition("=")
     settings = SimSettings(host=host, port=int(port), token=args.token,
                            output_bytes=args.output_bytes, chunk_bytes=args.chunk_bytes,
-                           heartbeat_s=args.heartbeat_s)  # fmt: skip
+                           heartbeat_s=args.heartbeat_s,
+                           output_rate_bps=args.output_rate)  # fmt: skip
     hosts = [f"{args.prefix}-{i:05d}" for i in range(args.first, args.first + args.count)]
 
     def report(stats: SimStats, connected: int) -> None:
