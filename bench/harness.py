@@ -45,9 +45,12 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def cpu_s(pid: int) -> float:
+def cpu_s(pid: int, *, children: bool = False) -> float:
+    """User+system CPU seconds of ``pid``; with ``children``, also of its children it waited
+    for (an agent's commands)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    own = int(fields[11]) + int(fields[12])
+    return (own + (int(fields[13]) + int(fields[14]) if children else 0)) / _TICK
 
 
 def _supports(flag: str) -> bool:

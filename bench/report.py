@@ -14,6 +14,7 @@ Results = dict[str, dict[str, list[dict[str, float]]]]
 
 UNITS = {
     "elapsed_s": "s", "cpu_ms_per_host_job": "ms CPU/host-job", "agent_rss_mib": "MiB agent RSS",
+    "agent_cpu_ms_per_host_job": "ms agent CPU/host-job",
     "connect_s": "s to connect all", "rss_empty_mib": "MiB RSS empty",
     "rss_idle_mib": "MiB RSS idle", "kib_per_agent": "KiB RSS/agent",
     "rss_peak_mib": "MiB RSS after", "elapsed_probed_s": "s with the API probed",

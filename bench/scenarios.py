@@ -114,7 +114,11 @@ def fanout_real(n: int) -> Result:
                                                stderr=subprocess.DEVNULL))  # fmt: skip
             daemon.wait_until(lambda: daemon.online() >= n, 120, f"{n} agents online")
             time.sleep(1.0)
+            agents_before = sum(cpu_s(a.pid, children=True) for a in agents)
             result = _fan_out(daemon, {"labels": {"fleet": "real"}})
+            time.sleep(0.5)  # the agents' last acknowledgements
+            agents_cpu = sum(cpu_s(a.pid, children=True) for a in agents) - agents_before
+            result["agent_cpu_ms_per_host_job"] = 1000 * agents_cpu / n  # with the `echo` itself
             result["agent_rss_mib"] = statistics.median(rss_mib(a.pid) for a in agents)
             return result
         finally:

@@ -144,7 +144,9 @@ CURL = 'curl -H "Authorization: Bearer $DISPATCH_TOKEN"'
 print(f"""
 dispatchd is running with 3 agents. Where to look next:
   web console      {URL}/   sign in with the API token: {API_TOKEN}
-  API token        export DISPATCH_TOKEN=$(cat {RUN / "api.token"})
+  API token        export DISPATCH_TOKEN=$(cat {RUN / "api.token"}) DISPATCH_URL={URL}
+  command line     .venv/bin/dispatchctl task {task_id}
+                   .venv/bin/dispatchctl run --label role=demo -- 'uptime'
   the task         {URL}/#/tasks/{task_id}
                    {CURL} {URL}/api/v1/tasks/{task_id}
   its executions   {CURL} {URL}/api/v1/tasks/{task_id}/executions
