@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmark scenarios and write docs/benchmarks.md.
 
-    python -m bench                      # everything, 5 rounds each (about an hour on 2 cores)
+    python -m bench                      # everything, 5 rounds each (about 80 min on 2 cores)
     python -m bench fanout-real skeleton # some scenarios
     python -m bench --quick              # a small smoke of every scenario (CI): 1 round, small N,
                                          # written to a temporary file unless --out is given
