@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import betterproto2
@@ -15,6 +18,7 @@ import grpclib.const
 import grpclib.server
 import trio
 
+from agent import cgroups as cg
 from agent.process_group import ProcessInfo
 from agent.runner import Stop
 from common.grpc_bridge import CONNECT_CARDINALITY, CONNECT_ROUTE, StreamLink, aio, trio_handler
@@ -279,3 +283,18 @@ async def serving() -> AsyncIterator[DaemonStub]:
     finally:
         with trio.CancelScope(shield=True):
             await service.close()
+
+
+def remove_cgroup_tree(path: Path) -> None:
+    """Kill whatever is left under ``path`` and remove its cgroups, deepest first."""
+    if not path.exists():
+        return
+    for directory, _, _ in sorted(os.walk(path), key=lambda entry: -entry[0].count("/")):
+        group = cg.CommandCgroup(Path(directory))
+        group.kill()
+        for _ in range(200):  # up to 2 s for the kernel to let them go
+            if not group.populated():
+                break
+            time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from agent.process_group import describe_process
 from agent.runner import GATE, SHELL, ProcessRunner, RunnerSettings, Stop
 from agent.worker import finish_interrupted
 from proto.dispatch import v1 as pb
-from tests.agent.agent_testing import RecordingReport, alive, wait_dead
+from tests.agent.agent_testing import RecordingReport, alive, remove_cgroup_tree, wait_dead
 
 STDOUT = pb.OutputStream.STDOUT
 
@@ -121,21 +120,6 @@ def _usable_parent() -> Path:
     return parent
 
 
-def remove_tree(path: Path) -> None:
-    """Kill whatever is left under ``path`` and remove the cgroups, deepest first."""
-    if not path.exists():
-        return
-    for directory, _, _ in sorted(os.walk(path), key=lambda entry: -entry[0].count("/")):
-        group = cg.CommandCgroup(Path(directory))
-        group.kill()
-        for _ in range(200):  # up to 2 s for the kernel to let them go
-            if not group.populated():
-                break
-            time.sleep(0.01)
-        with contextlib.suppress(OSError):
-            os.rmdir(directory)
-
-
 @pytest.fixture
 def cgroup_root() -> Iterator[Path]:
     root = _usable_parent() / f"dispatch-test.{uuid.uuid4().hex[:12]}"
@@ -143,7 +127,7 @@ def cgroup_root() -> Iterator[Path]:
     try:
         yield root
     finally:
-        remove_tree(root)
+        remove_cgroup_tree(root)
 
 
 @pytest.fixture

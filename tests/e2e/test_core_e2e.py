@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 
@@ -20,18 +19,10 @@ from tests.e2e.cluster import (
     CuttableProxy,
     Program,
     alive,
-    open_cluster,
     wait_gone,
 )
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, db_url: str) -> AsyncIterator[Cluster]:
-    with trio.fail_after(240):
-        async with open_cluster(tmp_path, db_url) as running:
-            yield running
 
 
 def by_host(items: list[dict]) -> dict[tuple[str, int], dict]:

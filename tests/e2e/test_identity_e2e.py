@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import stat
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,9 @@ import pytest
 import trio
 import trustme
 
-from tests.e2e.cluster import API_TOKEN, REPO, Cluster, Program, open_cluster
+from tests.e2e.cluster import API_TOKEN, REPO, Cluster, Program
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, db_url: str) -> AsyncIterator[Cluster]:
-    with trio.fail_after(240):
-        async with open_cluster(tmp_path, db_url) as running:
-            yield running
 
 
 def write_pki(directory: Path, *clients: str) -> dict[str, str]:

@@ -4,23 +4,13 @@ log lines naming the task, host and execution (SQLite, and PostgreSQL when confi
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.cluster import Cluster, open_cluster
+from tests.e2e.cluster import Cluster
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, db_url: str) -> AsyncIterator[Cluster]:
-    with trio.fail_after(120):
-        async with open_cluster(tmp_path, db_url) as running:
-            yield running
 
 
 async def test_metrics_after_a_small_task_and_json_logs_with_ids(cluster: Cluster) -> None:

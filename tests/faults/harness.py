@@ -16,7 +16,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -28,6 +27,7 @@ import pytest
 import trio
 
 from agent import cgroups as cg
+from tests.agent.agent_testing import remove_cgroup_tree
 from tests.e2e.cluster import REPO, Cluster, Program, alive, free_port
 
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
@@ -124,21 +124,6 @@ def usable_cgroup_parent() -> tuple[Path | None, str]:
         return None, str(exc)
     reason = cg._probe(parent)
     return (parent, "") if reason is None else (None, reason)
-
-
-def remove_cgroup_tree(path: Path) -> None:
-    """Kill whatever is left under ``path`` and remove its cgroups, deepest first."""
-    if not path.exists():
-        return
-    for directory, _, _ in sorted(os.walk(path), key=lambda entry: -entry[0].count("/")):
-        group = cg.CommandCgroup(Path(directory))
-        group.kill()
-        for _ in range(200):  # up to 2 s for the kernel to let them go
-            if not group.populated():
-                break
-            time.sleep(0.01)
-        with contextlib.suppress(OSError):
-            os.rmdir(directory)
 
 
 @asynccontextmanager

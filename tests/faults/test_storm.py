@@ -56,9 +56,11 @@ async def test_two_thousand_agents_reconnect_after_a_daemon_crash_and_lose_nothi
         prefix = f"f{number}"
         hosts += [f"{prefix}-{i:04d}" for i in range(PER_PROCESS)]
         argv = [
-            sys.executable, "-m", "tests.faults.fleet", "--server",
+            sys.executable, "-m", "tests.e2e.many_agents", "--server",
             f"127.0.0.1:{cluster.grpc_port}", "--token", AGENT_TOKEN, "--prefix", prefix,
             "--count", str(PER_PROCESS), "--state-root", str(cluster.tmp / "fleet"),
+            "--reconnect-min-s", "0.1", "--reconnect-max-s", "5", "--connect-timeout-s", "10",
+            "--no-journal-fsync",
         ]  # fmt: skip
         if cluster.cgroup_root is not None:
             argv += ["--cgroup-root", str(cluster.cgroup_root)]
