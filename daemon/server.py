@@ -29,27 +29,31 @@ from quart_trio import QuartTrio
 
 from common import tls
 from common.sd_notify import Notifier
-from daemon import __version__, grpc_bridge, host_records, http_api, store, web_routes
-from daemon.api_auth import ApiAccess
-from daemon.api_schemas import HttpLimits
-from daemon.audit import AuditLog
+from daemon import __version__
+from daemon.agents import grpc_bridge
+from daemon.agents.admission import SessionManager
+from daemon.agents.enrollment import Enrollment
+from daemon.agents.registry import Registry
+from daemon.agents.throttle import StreamLimits
+from daemon.api import web_routes
+from daemon.api.app import create_app, serve_http
+from daemon.api.auth import ApiAccess
+from daemon.api.schemas import HttpLimits
 from daemon.config import DaemonConfig, split_listen
-from daemon.database import Database
-from daemon.dispatcher import Dispatcher
-from daemon.enrollment import Enrollment
+from daemon.engine.dispatcher import Dispatcher
+from daemon.engine.executions import ExecutionFollower
+from daemon.engine.hosts import HostAdmin
+from daemon.engine.scheduler import Scheduler
+from daemon.engine.tasks import TaskService
 from daemon.errors import StartupError
-from daemon.executions import ExecutionFollower
-from daemon.host_admin import HostAdmin
-from daemon.live import LiveHub
-from daemon.metrics import Metrics
-from daemon.registry import Registry
-from daemon.retention import Retention
-from daemon.scheduler import Scheduler
-from daemon.sessions import SessionManager
-from daemon.tasks import TaskService
-from daemon.throttle import StreamLimits
-from daemon.transition_metrics import TransitionMetrics
-from daemon.writer import open_writer
+from daemon.ops.audit import AuditLog
+from daemon.ops.metrics import Metrics
+from daemon.ops.transition_metrics import TransitionMetrics
+from daemon.store import host_records, models
+from daemon.store.database import Database
+from daemon.store.live import LiveHub
+from daemon.store.retention import Retention
+from daemon.store.writer import open_writer
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +129,7 @@ async def serve(
             "live": live.statistics, "database": database.statistics, "audit": audit.statistics,
             "retention": retention.statistics,
         }, database=database, transitions=transitions)  # fmt: skip
-        app = http_api.create_app(
+        app = create_app(
             database=database, tasks=tasks, live=live, api_token=config.resolved_api_token(),
             access=ApiAccess(database, bootstrap_token=config.resolved_api_token()), audit=audit,
             hosts=HostAdmin(database, registry=registry, follower=follower),
@@ -157,7 +161,7 @@ async def serve(
                     ),
                 )  # fmt: skip
                 http_urls = await _start_door(doors, "HTTP", config.http_listen,
-                    functools.partial(http_api.serve_http, app, listen=config.http_listen,
+                    functools.partial(serve_http, app, listen=config.http_listen,
                                       shutdown_trigger=shutdown.wait),
                 )  # fmt: skip
                 http_address = split_listen(http_urls[0].removeprefix("http://"))
@@ -222,13 +226,13 @@ def _agent_port_tls(config: DaemonConfig) -> ssl.SSLContext | None:
 
 async def _open_database(config: DaemonConfig) -> Database:
     try:
-        db = store.open_database(
+        db = models.open_database(
             config.db, max_connections=config.db_read_threads + 4,
             busy_timeout_ms=config.db_busy_timeout_ms,
         )  # fmt: skip
-        store.bind(db)
-        await trio.to_thread.run_sync(store.create_schema, db)
-    except (store.DatabaseUrlError, RuntimeError) as exc:
+        models.bind(db)
+        await trio.to_thread.run_sync(models.create_schema, db)
+    except (models.DatabaseUrlError, RuntimeError) as exc:
         raise StartupError(f"database {config.db}: {exc}") from None
     except Exception as exc:  # the driver's own error for an unreachable or unwritable database
         raise StartupError(f"cannot open the database {config.db}: {exc}") from exc

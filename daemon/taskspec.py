@@ -1,7 +1,7 @@
 """What an operator asks for when creating a task, after the HTTP layer validated its shape.
 
 The checks that need the database (do the target hosts exist, how many do the labels match)
-happen in ``daemon.tasks``.
+happen in ``daemon.engine.tasks``.
 """
 
 from __future__ import annotations

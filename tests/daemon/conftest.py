@@ -14,12 +14,13 @@ from typing import Any
 import peewee
 import pytest
 
-from daemon import errors, store
-from daemon.api_schemas import HttpLimits
-from daemon.database import Database
-from daemon.http_api import create_app
-from daemon.live import LiveHub
-from daemon.store import Command, CommandHost, Host, HostConnection, OutputChunk, Task
+from daemon import errors
+from daemon.api.app import create_app
+from daemon.api.schemas import HttpLimits
+from daemon.store import models
+from daemon.store.database import Database
+from daemon.store.live import LiveHub
+from daemon.store.models import Command, CommandHost, Host, HostConnection, OutputChunk, Task
 from daemon.taskspec import TaskSpec
 
 TOKEN = "test-token-0123456789"
@@ -125,16 +126,16 @@ class Rows:
 
     def counts(self) -> dict[str, int]:
         with self.db.connection_context():
-            return {model.__name__: model.select().count() for model in store.MODELS}
+            return {model.__name__: model.select().count() for model in models.MODELS}
 
 
 @pytest.fixture
 def peewee_db(db_url: str) -> Iterator[peewee.Database]:
     """A SQLite file, and a fresh PostgreSQL database when DISPATCH_TEST_POSTGRES_URL is set
     (``db_url`` in tests/conftest.py)."""
-    db = store.open_database(db_url)
-    store.bind(db)
-    store.create_schema(db)
+    db = models.open_database(db_url)
+    models.bind(db)
+    models.create_schema(db)
     yield db
     db.close_all()
 
@@ -157,7 +158,7 @@ def rows(peewee_db: peewee.Database) -> Rows:
 
 @dataclass
 class FakeTaskService:
-    """daemon.tasks.TaskService as the HTTP layer sees it, writing rows like the real one."""
+    """daemon.engine.tasks.TaskService as the HTTP layer sees it, writing rows like the real one."""
 
     database: Database
     rows: Rows
@@ -186,7 +187,7 @@ class FakeTaskService:
         return task_id
 
     def _write(self, spec: TaskSpec, start: bool) -> int:
-        with store.database_proxy.atomic():
+        with models.database_proxy.atomic():
             task = Task.create(
                 name=spec.name,
                 status="queued" if start else "pending",

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from daemon import server
-from daemon.api_auth import ROUTES, Role
-from daemon.http_api import create_app
-from daemon.store import ApiToken, AuditEvent
+from daemon.api.app import create_app
+from daemon.api.auth import ROUTES, Role
+from daemon.store.models import ApiToken, AuditEvent
 from tests.daemon.conftest import TOKEN
 
 ROLES = ("viewer", "operator", "admin")
@@ -219,14 +219,14 @@ async def test_a_route_missing_from_the_table_is_refused_to_everyone(
 async def test_a_changing_route_that_is_not_audited_is_refused(
     database: Any, tasks: Any, live: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from daemon import api_auth
+    from daemon.api import auth
 
     def extra(app: Any) -> None:
         @app.post("/api/v1/unaudited")
         async def unaudited_change() -> Any:
             raise AssertionError("must not run")
 
-    monkeypatch.setitem(api_auth.ROUTES, "unaudited_change", api_auth.Access(Role.VIEWER, "x.y"))
+    monkeypatch.setitem(auth.ROUTES, "unaudited_change", auth.Access(Role.VIEWER, "x.y"))
     app = create_app(database=database, tasks=tasks, live=live, api_token=TOKEN,
                      extra_routes=extra)  # fmt: skip
     async with app.test_app() as test_app:

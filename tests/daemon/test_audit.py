@@ -12,9 +12,9 @@ import pytest
 import trio
 import trio.testing
 
-from daemon import audit
-from daemon.audit import AuditLog, AuditRecord, safe_details
-from daemon.store import AuditEvent, Task
+from daemon.ops import audit
+from daemon.ops.audit import AuditLog, AuditRecord, safe_details
+from daemon.store.models import AuditEvent, Task
 from tests.daemon.conftest import TOKEN
 
 

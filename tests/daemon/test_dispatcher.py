@@ -11,17 +11,17 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from daemon import store
-from daemon.database import Database
-from daemon.dispatcher import Dispatcher
-from daemon.executions import ExecutionFollower
-from daemon.live import LiveHub
-from daemon.registry import Registry
-from daemon.scheduler import Scheduler
-from daemon.store import CommandHost, Task
-from daemon.tasks import TaskService
+from daemon.agents.registry import Registry
+from daemon.engine.dispatcher import Dispatcher
+from daemon.engine.executions import ExecutionFollower
+from daemon.engine.scheduler import Scheduler
+from daemon.engine.tasks import TaskService
+from daemon.store import models
+from daemon.store.database import Database
+from daemon.store.live import LiveHub
+from daemon.store.models import CommandHost, Task
+from daemon.store.writer import Writer, open_writer
 from daemon.taskspec import CommandSpec, TaskSpec
-from daemon.writer import Writer, open_writer
 from proto.dispatch import v1 as pb
 
 GRACE_S = 0.3
@@ -134,15 +134,15 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 5) -> Non
 
 
 def _ensure_host(host_id: str) -> None:
-    store.Host.insert(id=host_id, first_seen_at=0.0, labels="{}").on_conflict_ignore().execute()
+    models.Host.insert(id=host_id, first_seen_at=0.0, labels="{}").on_conflict_ignore().execute()
 
 
 @asynccontextmanager
 async def open_core(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Core]:
     """The daemon's core on ``db_url``; leaving it is a daemon shutdown (work stays in flight)."""
-    db = store.open_database(db_url)
-    store.bind(db)
-    store.create_schema(db)
+    db = models.open_database(db_url)
+    models.bind(db)
+    models.create_schema(db)
     database = Database(db, read_threads=4)
     for host in ("offline-1", "late-1"):
         with db.connection_context():
@@ -429,8 +429,8 @@ async def test_after_a_restart_in_flight_work_is_settled_and_queued_work_runs(
         queued = await before.tasks.create(spec, start=False, idempotency_key=None)
         await before.database.write(  # started just as the daemon died: queued, never picked
             lambda: (
-                store.Task.update(status="queued", queued_at=1.0)
-                .where(store.Task.id == queued)
+                models.Task.update(status="queued", queued_at=1.0)
+                .where(models.Task.id == queued)
                 .execute()
             )
         )

@@ -24,24 +24,24 @@ import pytest
 import trio
 
 from common.link import MemoryLink, memory_link_pair
-from daemon import store
-from daemon.audit import AuditLog
-from daemon.database import Database
-from daemon.dispatcher import Dispatcher
-from daemon.enrollment import Enrollment
+from daemon.agents.admission import SessionManager
+from daemon.agents.enrollment import Enrollment
+from daemon.agents.grpc_bridge import StreamEnd
+from daemon.agents.registry import HostRevoked, Registry
+from daemon.engine.dispatcher import Dispatcher
+from daemon.engine.executions import ExecutionFollower
+from daemon.engine.hosts import HostAdmin
+from daemon.engine.scheduler import Scheduler
+from daemon.engine.tasks import TaskService
 from daemon.errors import Conflict, InvalidRequest, NotFound
-from daemon.executions import ExecutionFollower
-from daemon.grpc_bridge import StreamEnd
-from daemon.host_admin import HostAdmin
-from daemon.live import LiveHub
-from daemon.registry import HostRevoked, Registry
-from daemon.scheduler import Scheduler
-from daemon.sessions import SessionManager
-from daemon.store import AuditEvent, CommandHost, Host, Task
-from daemon.task_records import retry_request
-from daemon.tasks import TaskService
+from daemon.ops.audit import AuditLog
+from daemon.store import models
+from daemon.store.database import Database
+from daemon.store.live import LiveHub
+from daemon.store.models import AuditEvent, CommandHost, Host, Task
+from daemon.store.task_records import retry_request
+from daemon.store.writer import open_writer
 from daemon.taskspec import CommandSpec, TaskSpec
-from daemon.writer import open_writer
 from proto.dispatch import v1 as pb
 
 TOKEN = "enrolment-token-0123456789"
@@ -137,9 +137,9 @@ async def daemon(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Daemon]:
 async def open_daemon(
     db_url: str, nursery: trio.Nursery, *, auto_approve: bool = False, token: str | None = TOKEN
 ) -> AsyncIterator[Daemon]:
-    db = store.open_database(db_url)
-    store.bind(db)
-    store.create_schema(db)
+    db = models.open_database(db_url)
+    models.bind(db)
+    models.create_schema(db)
     database = Database(db, read_threads=4)
     async with open_writer(database, LiveHub(buffer_events=100), max_output_bytes=1000,
                            queue_items=1000, batch_events=500, batch_age_s=0.005,
@@ -209,7 +209,7 @@ async def test_approval_issues_a_credential_once_stored_as_its_hash_only(daemon:
     )  # fmt: skip
     # the credential itself is nowhere in the database
     dumped = await daemon.database.read(
-        lambda: json.dumps([list(m.select().tuples()) for m in store.MODELS], default=str)
+        lambda: json.dumps([list(m.select().tuples()) for m in models.MODELS], default=str)
     )
     assert credential not in dumped and TOKEN not in dumped
 
@@ -468,7 +468,7 @@ async def test_a_database_that_cannot_answer_decides_nothing(
     def locked(host_id: str) -> None:
         raise peewee.OperationalError("database is locked")
 
-    monkeypatch.setattr("daemon.enrollment.host_state", locked)
+    monkeypatch.setattr("daemon.agents.enrollment.host_state", locked)
     stream = await daemon.connect("web-1")
     assert await stream.end() == StreamEnd(
         "unavailable", "the daemon cannot reach its database; try again"

@@ -20,14 +20,15 @@ import trustme
 from agent.grpc_bridge import open_stream
 from common import tls
 from common.settings import SettingsError
-from daemon import grpc_bridge, store
+from daemon.agents import grpc_bridge
+from daemon.agents.admission import SessionManager
+from daemon.agents.enrollment import Enrollment
+from daemon.agents.registry import Registry
 from daemon.config import DaemonConfig, load_config
-from daemon.database import Database
-from daemon.enrollment import Enrollment
-from daemon.live import LiveHub
-from daemon.registry import Registry
-from daemon.sessions import SessionManager
-from daemon.writer import open_writer
+from daemon.store import models
+from daemon.store.database import Database
+from daemon.store.live import LiveHub
+from daemon.store.writer import open_writer
 from proto.dispatch import v1 as pb
 
 TOKEN = "enrolment-token-0123456789"
@@ -87,9 +88,9 @@ class Port:
 async def serve_port(
     nursery: trio.Nursery, db_url: str, context: Any, *, require_certificate: bool
 ) -> Port:
-    db = store.open_database(db_url)
-    store.bind(db)
-    store.create_schema(db)
+    db = models.open_database(db_url)
+    models.bind(db)
+    models.create_schema(db)
     database = Database(db, read_threads=2)
     writer = await nursery.start(_writer, database)
     registry = Registry()

@@ -1,4 +1,4 @@
-"""HTTP connections end when they should (daemon/http_connection.py), over a real socket."""
+"""HTTP connections end when they should (daemon/api/http_connection.py), over a real socket."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import hypercorn.trio
 import pytest
 import trio
 
-from daemon.http_connection import DispatchQuart
+from daemon.api.http_connection import DispatchQuart
 
 app = DispatchQuart(__name__)
 stream_ended = trio.Event()

@@ -9,7 +9,7 @@ import logging
 import peewee
 import pytest
 
-from daemon import queries
+from daemon.store import queries
 
 PUBLIC = {"healthz"}
 
@@ -52,7 +52,7 @@ def assert_error(status: int, body: dict, want_status: int, code: str, field: st
 
 
 async def test_every_route_but_the_public_ones_needs_the_token(app, client, rows):
-    from daemon.api_auth import AUDITED_ATTRIBUTE, ROUTES
+    from daemon.api.auth import AUDITED_ATTRIBUTE, ROUTES
 
     task_id = rows.task("t")
     rows.host("web-1")
@@ -86,9 +86,9 @@ async def test_every_route_but_the_public_ones_needs_the_token(app, client, rows
 
 
 async def test_no_api_token_means_no_authentication(database, tasks, live, caplog):
-    from daemon.http_api import create_app
+    from daemon.api.app import create_app
 
-    with caplog.at_level(logging.WARNING, logger="daemon.http_api"):
+    with caplog.at_level(logging.WARNING, logger="daemon.api.app"):
         app = create_app(database=database, tasks=tasks, live=live, api_token=None)
     assert "WITHOUT authentication" in caplog.text
     async with app.test_app() as test_app:
@@ -336,7 +336,7 @@ async def test_other_bad_queries(api, rows):
 async def test_unexpected_exception_is_500_without_details(api, rows, tasks, caplog):
     rows.host("web-1")
     tasks.fail_with = RuntimeError("secret detail at /etc/dispatch/token")
-    with caplog.at_level(logging.ERROR, logger="daemon.http_api"):
+    with caplog.at_level(logging.ERROR, logger="daemon.api.app"):
         status, error = await api("POST", "/api/v1/tasks", json=GOOD)
     assert (status, error) == (500, {"error": {"code": "internal", "message": "internal error"}})
     records = [r for r in caplog.records if r.exc_info]

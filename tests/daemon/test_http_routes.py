@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from daemon import api_responses
+from daemon.api import responses
 from daemon.taskspec import CommandSpec, TaskSpec
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
 
 def iso(seconds: float) -> str:
-    from daemon.views import rfc3339
+    from daemon.store.views import rfc3339
 
     return rfc3339(seconds)
 
@@ -51,7 +51,7 @@ async def test_hosts_list_filters_and_pages(api, rows):
         "address": "10.0.0.1:40000",
         "enrollment": "approved",
     }
-    same_fields(body["items"][1], api_responses.HostOut)
+    same_fields(body["items"][1], responses.HostOut)
 
     async def ids(query: str) -> list[str]:
         status, body = await api("GET", f"/api/v1/hosts?{query}")
@@ -84,7 +84,7 @@ async def test_host_detail_has_newest_connections_bounded(api, rows):
     rows.connection("other", connected_at=T0)
     status, body = await api("GET", "/api/v1/hosts/web-1")
     assert status == 200
-    same_fields(body, api_responses.HostDetailOut)
+    same_fields(body, responses.HostDetailOut)
     connections = body["connections"]
     assert len(connections) == 50  # HttpLimits.max_connections_shown
     assert connections[0] == {
@@ -126,7 +126,7 @@ async def test_create_task_returns_it_as_get_shows_it(api, rows, tasks):
     assert response.status_code == 201
     created = await response.get_json()
     assert response.headers["Location"] == f"/api/v1/tasks/{created['id']}"
-    same_fields(created, api_responses.TaskOut)
+    same_fields(created, responses.TaskOut)
     assert created["name"] == "restart nginx"
     assert created["status"] == "pending"
     assert created["commands"] == [
@@ -251,8 +251,8 @@ async def test_list_tasks_newest_first_with_filters(api, rows):
     assert await ids("until=2023-11-14T22:13:30Z") == [a]  # exclusive
     assert await ids("since=2023-11-14T22:13:35Z&until=2023-11-14T22:13:45Z") == [c]
     status, body = await api("GET", "/api/v1/tasks")
-    same_fields(body, api_responses.TaskPage)
-    same_fields(body["items"][0], api_responses.TaskOut)
+    same_fields(body, responses.TaskPage)
+    same_fields(body["items"][0], responses.TaskOut)
     assert body["items"][2]["progress"]["by_status"] == {"pending": 1}
 
 
@@ -298,7 +298,7 @@ async def test_executions_of_a_task_and_one_execution(api, rows):
 
     status, body = await api("GET", f"/api/v1/tasks/{task_id}/executions")
     assert status == 200
-    same_fields(body, api_responses.ExecutionPage)
+    same_fields(body, responses.ExecutionPage)
     assert [e["id"] for e in body["items"]] == [str(first), str(second)]
     expected = {
         "id": str(first), "task_id": str(task_id), "command_index": 0, "host_id": "web-1",
@@ -308,7 +308,7 @@ async def test_executions_of_a_task_and_one_execution(api, rows):
         "output_truncated": False,
     }  # fmt: skip
     assert body["items"][0] == expected
-    same_fields(body["items"][0], api_responses.ExecutionOut)
+    same_fields(body["items"][0], responses.ExecutionOut)
 
     status, detail = await api("GET", f"/api/v1/executions/{first}")
     assert status == 200
@@ -316,7 +316,7 @@ async def test_executions_of_a_task_and_one_execution(api, rows):
         **expected, "stdout": "hello\n", "stderr": "oops", "stdout_omitted_bytes": 0,
         "stderr_omitted_bytes": 0,
     }  # fmt: skip
-    same_fields(detail, api_responses.ExecutionDetailOut)
+    same_fields(detail, responses.ExecutionDetailOut)
 
 
 async def test_raw_output_is_byte_exact(api, rows):
@@ -372,7 +372,7 @@ async def test_task_stats(api, rows):
 
     status, body = await api("GET", f"/api/v1/tasks/{task_id}/stats")
     assert status == 200
-    same_fields(body, api_responses.TaskStatsOut)
+    same_fields(body, responses.TaskStatsOut)
     assert body["task_id"] == str(task_id)
     assert body["total"] == 7
     assert body["by_status"] == {"failed": 2, "running": 1, "succeeded": 4}

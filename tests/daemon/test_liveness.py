@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.liveness import Cadence, Liveness, differs
+from daemon.agents.liveness import Cadence, Liveness, differs
 
 
 def test_small_fleets_keep_the_configured_cadence_large_ones_stretch_it() -> None:

@@ -9,12 +9,12 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.database import Database
-from daemon.ledger import Execution
-from daemon.metrics import Metrics
-from daemon.retention import Pruned, RetentionStatistics
+from daemon.ops.metrics import Metrics
+from daemon.ops.transition_metrics import Buckets, TransitionMetrics
 from daemon.states import ExecStatus
-from daemon.transition_metrics import Buckets, TransitionMetrics
+from daemon.store.database import Database
+from daemon.store.ledger import Execution
+from daemon.store.retention import Pruned, RetentionStatistics
 from tests.daemon.conftest import Rows
 
 T0 = 1_800_000_000.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon import migrations, store
+from daemon.store import migrations, models
 
 V1_HOST = """CREATE TABLE host (id TEXT PRIMARY KEY, hostname TEXT NOT NULL,
     labels TEXT NOT NULL, status TEXT NOT NULL, agent_version TEXT NOT NULL,
@@ -13,8 +13,8 @@ V1_HOST = """CREATE TABLE host (id TEXT PRIMARY KEY, hostname TEXT NOT NULL,
 
 
 def test_a_version_1_database_is_upgraded_and_keeps_its_rows(db_url: str) -> None:
-    db = store.open_database(db_url)
-    store.bind(db)
+    db = models.open_database(db_url)
+    models.bind(db)
     with db.connection_context():
         db.execute_sql(V1_HOST)
         db.execute_sql("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER)")
@@ -23,40 +23,40 @@ def test_a_version_1_database_is_upgraded_and_keeps_its_rows(db_url: str) -> Non
             "INSERT INTO host VALUES ('web-1', 'web-1', '{}', 'offline', '0.1.0', '', 1.0, "
             "NULL, NULL)"
         )
-    store.create_schema(db)
-    store.create_schema(db)  # a second start changes nothing
+    models.create_schema(db)
+    models.create_schema(db)  # a second start changes nothing
     with db.connection_context():
-        host = store.Host.get_by_id("web-1")
+        host = models.Host.get_by_id("web-1")
         assert (host.enrollment, host.credential_hash, host.hostname) == ("approved", None, "web-1")
-        assert [row.version for row in store.SchemaVersion.select()] == [migrations.LATEST]
-        assert store.AuditEvent.select().count() == 0  # tables added since exist
+        assert [row.version for row in models.SchemaVersion.select()] == [migrations.LATEST]
+        assert models.AuditEvent.select().count() == 0  # tables added since exist
     db.close_all()
 
 
 def test_a_database_from_a_newer_dispatchd_is_refused(db_url: str) -> None:
-    db = store.open_database(db_url)
-    store.bind(db)
-    store.create_schema(db)
+    db = models.open_database(db_url)
+    models.bind(db)
+    models.create_schema(db)
     with db.connection_context():
-        store.SchemaVersion.update(version=migrations.LATEST + 1).execute()
+        models.SchemaVersion.update(version=migrations.LATEST + 1).execute()
     with pytest.raises(RuntimeError, match="upgrade dispatchd"):
-        store.create_schema(db)
+        models.create_schema(db)
     db.close_all()
 
 
 def test_a_version_2_database_gains_the_retention_indexes(db_url: str) -> None:
-    db = store.open_database(db_url)
-    store.bind(db)
-    store.create_schema(db)
+    db = models.open_database(db_url)
+    models.bind(db)
+    models.create_schema(db)
     with db.connection_context():  # as dispatchd 0.1 with schema version 2 left it
         db.execute_sql("DROP INDEX task_finished_at")
         db.execute_sql("DROP INDEX host_connection_disconnected_at")
-        store.SchemaVersion.update(version=2).execute()
-    store.create_schema(db)
+        models.SchemaVersion.update(version=2).execute()
+    models.create_schema(db)
     with db.connection_context():
         assert "task_finished_at" in {index.name for index in db.get_indexes("task")}
         assert "host_connection_disconnected_at" in {
             index.name for index in db.get_indexes("host_connection")
         }
-        assert [row.version for row in store.SchemaVersion.select()] == [3]
+        assert [row.version for row in models.SchemaVersion.select()] == [3]
     db.close_all()

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from daemon import changes, queries, stats
-from daemon.queries import ExecutionFilter, assemble_output, omitted_marker
+from daemon.store import changes, queries, stats
+from daemon.store.queries import ExecutionFilter, assemble_output, omitted_marker
 
 T0 = 1_700_000_000.0
 

@@ -9,10 +9,10 @@ import peewee
 import pytest
 import trio
 
-from daemon import retention
-from daemon.database import Database
-from daemon.retention import DAY_S, Pruned, Retention
-from daemon.store import AuditEvent, Command, CommandHost, HostConnection, OutputChunk, Task
+from daemon.store import retention
+from daemon.store.database import Database
+from daemon.store.models import AuditEvent, Command, CommandHost, HostConnection, OutputChunk, Task
+from daemon.store.retention import DAY_S, Pruned, Retention
 from tests.daemon.conftest import Rows
 
 NOW = time.time()

@@ -13,17 +13,17 @@ import pytest
 import trio
 
 from common.link import MemoryLink, memory_link_pair
-from daemon import store
-from daemon.database import Database
-from daemon.enrollment import Enrollment
-from daemon.grpc_bridge import StreamEnd
-from daemon.live import LiveHub
-from daemon.registry import Registry
-from daemon.sessions import SessionManager
-from daemon.store import CommandHost, Host, HostConnection
-from daemon.task_records import create_task
+from daemon.agents.admission import SessionManager
+from daemon.agents.enrollment import Enrollment
+from daemon.agents.grpc_bridge import StreamEnd
+from daemon.agents.registry import Registry
+from daemon.store import models
+from daemon.store.database import Database
+from daemon.store.live import LiveHub
+from daemon.store.models import CommandHost, Host, HostConnection
+from daemon.store.task_records import create_task
+from daemon.store.writer import Writer, open_writer
 from daemon.taskspec import CommandSpec, TaskSpec
-from daemon.writer import Writer, open_writer
 from proto.dispatch import v1 as pb
 
 TOKEN = "session-token-0123456789"
@@ -64,9 +64,9 @@ async def port(
     db_url: str, nursery: trio.Nursery, request: pytest.FixtureRequest
 ) -> AsyncIterator[Port]:
     max_heartbeats_per_s = getattr(request, "param", 100.0)
-    db = store.open_database(db_url)
-    store.bind(db)
-    store.create_schema(db)
+    db = models.open_database(db_url)
+    models.bind(db)
+    models.create_schema(db)
     database = Database(db, read_threads=2)
     async with open_writer(database, LiveHub(buffer_events=10), max_output_bytes=1000,
                            queue_items=100, batch_events=100, batch_age_s=0.005,

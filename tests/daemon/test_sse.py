@@ -12,11 +12,11 @@ import httpx
 import pytest
 import trio
 
-from daemon import queries, views
-from daemon.api_schemas import HttpLimits
-from daemon.http_api import serve_http, services
-from daemon.live import LiveEvent, LiveHub
-from daemon.sse import _Renderer
+from daemon.api.app import serve_http, services
+from daemon.api.schemas import HttpLimits
+from daemon.api.sse import _Renderer
+from daemon.store import queries, views
+from daemon.store.live import LiveEvent, LiveHub
 
 TOKEN_HEADERS = {"Authorization": "Bearer test-token-0123456789"}
 
@@ -357,7 +357,7 @@ def test_renderer_decodes_each_stream_incrementally():
 
 
 async def test_body_timeout_applies_but_not_to_the_event_stream(nursery, database, tasks, rows):
-    from daemon.http_api import create_app
+    from daemon.api.app import create_app
 
     quick = HttpLimits(body_timeout_s=0.3, response_timeout_s=0.2, sse_keepalive_s=0.1)
     app = create_app(database=database, tasks=tasks, live=LiveHub(buffer_events=8),

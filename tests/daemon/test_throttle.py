@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.throttle import TokenBucket
+from daemon.agents.throttle import TokenBucket
 
 
 async def test_a_burst_passes_at_once_then_the_rate_holds(
@@ -45,9 +45,9 @@ async def test_an_agent_sending_too_fast_is_read_more_slowly_never_cut(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     from common.link import memory_link_pair
-    from daemon.identity import HostIdentity
-    from daemon.session import Session
-    from daemon.throttle import StreamLimits
+    from daemon.agents.identity import HostIdentity
+    from daemon.agents.session import Session
+    from daemon.agents.throttle import StreamLimits
     from proto.dispatch import v1 as pb
 
     agent, daemon_end = memory_link_pair()

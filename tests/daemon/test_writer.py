@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from daemon import store
-from daemon.database import Database
-from daemon.live import LiveHub
 from daemon.states import ExecStatus, Reason, TaskStatus
-from daemon.store import CommandHost, OutputChunk, Task
-from daemon.task_records import create_task
+from daemon.store import models
+from daemon.store.database import Database
+from daemon.store.live import LiveHub
+from daemon.store.models import CommandHost, OutputChunk, Task
+from daemon.store.task_records import create_task
+from daemon.store.writer import Writer, open_writer
 from daemon.taskspec import CommandSpec, TaskSpec
-from daemon.writer import Writer, open_writer
 from proto.dispatch import v1 as pb
 
 LIMIT = 1000  # max_output_bytes: 500 head + 500 tail per stream
@@ -33,11 +33,11 @@ class RecordingSink:
 
 @pytest.fixture
 async def database(db_url: str) -> AsyncIterator[Database]:
-    db = store.open_database(db_url)
-    store.bind(db)
-    store.create_schema(db)
+    db = models.open_database(db_url)
+    models.bind(db)
+    models.create_schema(db)
     with db.connection_context():
-        store.Host.insert_many(
+        models.Host.insert_many(
             [{"id": h, "first_seen_at": 0.0, "labels": "{}"} for h in ("h1", "h2")]
         ).execute()
     yield Database(db, read_threads=2)

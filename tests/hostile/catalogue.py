@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from daemon import store
+from daemon.store import models
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,12 +60,12 @@ def case(name: str, *, given: str, answer: str, surface: str = "stream",
 
 def changeable_tables() -> list[type]:
     """Every table but the audit log (whose name may not exist in every version of the schema)."""
-    return [model for model in store.MODELS if model.__name__ != "AuditEvent"]
+    return [model for model in models.MODELS if model.__name__ != "AuditEvent"]
 
 
 def table_counts() -> dict[str, int]:
     """Row counts of every table (the peewee models must be bound)."""
-    with store.database_proxy.connection_context():
+    with models.database_proxy.connection_context():
         return {model.__name__: model.select().count() for model in changeable_tables()}
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from daemon import store
+from daemon.store import models
 from proto.dispatch import v1 as pb
 from tests.e2e.cluster import AGENT_TOKEN, Cluster, open_cluster
 from tests.hostile import raw_grpc
@@ -46,7 +46,7 @@ class Daemon:
                 model._meta.table_name: db.execute(  # type: ignore[attr-defined]
                     f'SELECT COUNT(*) FROM "{model._meta.table_name}"'  # type: ignore[attr-defined]
                 ).fetchone()[0]
-                for model in store.MODELS
+                for model in models.MODELS
                 if model.__name__ not in ("AuditEvent", "HostConnection")
             }
 

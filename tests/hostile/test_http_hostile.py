@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from daemon import queries
+from daemon.store import queries
 from tests.hostile.catalogue import assert_json_error, register, table_counts
 
 pytestmark = pytest.mark.hostile

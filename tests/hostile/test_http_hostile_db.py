@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon import queries
+from daemon.store import queries
 from tests.hostile.catalogue import assert_json_error, register, table_counts
 from tests.hostile.test_http_hostile import GOOD, body_with, forged_cursor
 

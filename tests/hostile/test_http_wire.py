@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon import store
+from daemon.store import models
 from tests.e2e.cluster import API_TOKEN, Cluster, open_cluster
 from tests.hostile.catalogue import assert_json_error, register
 
@@ -87,7 +87,7 @@ class Daemon:
             return {
                 m._meta.table_name: db.execute(f'SELECT COUNT(*) FROM "{m._meta.table_name}"')  # type: ignore[attr-defined]
                 .fetchone()[0]
-                for m in store.MODELS
+                for m in models.MODELS
                 if m.__name__ != "AuditEvent"
             }  # fmt: skip
 

@@ -115,7 +115,7 @@ async def test_schemathesis_finds_nothing(served: Cluster, tmp_path: Path) -> No
     cases = summary["test_cases"]
     assert cases["generated"] >= 300 and cases["with_failures"] == 0, cases
     assert summary["operations"].get("tested", 0) >= 15, summary["operations"]
-    # no request failed inside the daemon (a 500 is logged as an ERROR of daemon.http_api)
+    # no request failed inside the daemon (a 500 is logged as an ERROR of daemon.api.app)
     log = served.daemon.log_text() if served.daemon else ""
     assert [line for line in log.splitlines() if " ERROR daemon." in line] == []
 

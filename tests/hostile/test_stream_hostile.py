@@ -23,10 +23,10 @@ import pytest
 import trio
 
 from common.link import MemoryLink
-from daemon.grpc_bridge import StreamEnd
+from daemon.agents.grpc_bridge import StreamEnd
 from daemon.states import ExecStatus, Reason
-from daemon.store import CommandHost, Host, HostConnection
-from daemon.task_records import create_task
+from daemon.store.models import CommandHost, Host, HostConnection
+from daemon.store.task_records import create_task
 from daemon.taskspec import CommandSpec, TaskSpec
 from proto.dispatch import v1 as pb
 from tests.daemon.test_session import TOKEN, Port, hello
@@ -174,7 +174,7 @@ async def refused_without_ack(world: World, agent: Agent, events: list[pb.Event]
     acknowledged, and nothing changed but the sentinel's row."""
     before_row, before_counts = await world.row(world.target), await world.counts()
     refused_before = world.refused()
-    with caplog.at_level(logging.WARNING, logger="daemon.ledger"):
+    with caplog.at_level(logging.WARNING, logger="daemon.store.ledger"):
         await agent.send(batch(events))
         await world.h1.send(batch([started(world.sentinel, 1)]))
         acks = await world.h1.acks_until(world.sentinel, 1)
@@ -309,7 +309,7 @@ async def test_output_for_an_unknown_stream(world: World, caplog) -> None:
     await world.h1.send(batch([started(world.target, 1)]))
     await world.h1.acks_until(world.target, 1)
     counts = await world.counts()
-    with caplog.at_level(logging.WARNING, logger="daemon.ledger"):
+    with caplog.at_level(logging.WARNING, logger="daemon.store.ledger"):
         await world.h1.send(batch([output(world.target, 2, stream=7, data=b"hidden")]))
         await world.h1.acks_until(world.target, 2)
     assert "output for unknown stream 7 ignored" in caplog.text

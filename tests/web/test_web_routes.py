@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon import web_routes
+from daemon.api import web_routes
 from tests.e2e.cluster import API_TOKEN, Cluster
 
 pytestmark = pytest.mark.web
