@@ -21,6 +21,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -31,6 +32,7 @@ from common import tls
 from common.sd_notify import Notifier
 from daemon import __version__
 from daemon.agents import grpc_bridge
+from daemon.agents.acks import serve_acks
 from daemon.agents.admission import SessionManager
 from daemon.agents.enrollment import Enrollment
 from daemon.agents.registry import Registry
@@ -38,12 +40,15 @@ from daemon.agents.throttle import StreamLimits
 from daemon.api import web_routes
 from daemon.api.app import create_app, serve_http
 from daemon.api.auth import ApiAccess
+from daemon.api.live import LiveHub
 from daemon.api.schemas import HttpLimits
 from daemon.config import DaemonConfig, split_listen
 from daemon.engine.dispatcher import Dispatcher
-from daemon.engine.executions import ExecutionFollower
+from daemon.engine.fleet import Presence
 from daemon.engine.hosts import HostAdmin
+from daemon.engine.records import DatabaseRecords
 from daemon.engine.scheduler import Scheduler
+from daemon.engine.task_run import ExecutionLimits
 from daemon.engine.tasks import TaskService
 from daemon.errors import StartupError
 from daemon.ops.audit import AuditLog
@@ -51,13 +56,13 @@ from daemon.ops.metrics import Metrics
 from daemon.ops.transition_metrics import TransitionMetrics
 from daemon.store import host_records, models
 from daemon.store.database import Database
-from daemon.store.live import LiveHub
 from daemon.store.retention import Retention
 from daemon.store.writer import open_writer
 
 logger = logging.getLogger(__name__)
 
 _PRESENCE_INTERVAL_S = 30.0
+_PRESENCE_BUFFER = 1024  # agents arriving or leaving not yet seen by the engine
 
 
 @dataclass(frozen=True)
@@ -84,21 +89,28 @@ async def serve(
         logger.info(
             "%d hosts were online when the daemon last stopped; they reconnect now", offline
         )
-    live = LiveHub(buffer_events=config.sse_buffer_events)
     async with open_writer(
-        database, live, max_output_bytes=config.max_output_bytes,
+        database, max_output_bytes=config.max_output_bytes,
         queue_items=config.writer_queue_items, batch_events=config.writer_batch_events,
         batch_age_s=config.writer_batch_age_s, close_timeout_s=config.shutdown_grace_s,
     ) as writer:  # fmt: skip
-        registry = Registry()
-        follower = ExecutionFollower(
-            registry=registry, writer=writer, database=database,
+        # Who reacts to what the writer committed, each reading its own subscription.
+        commits_for_engine = writer.feed.subscribe("engine")
+        commits_for_acks = writer.feed.subscribe("acks")
+        commits_for_live = writer.feed.subscribe("live")
+        commits_for_metrics = writer.feed.subscribe("metrics")
+        presence_send, presence_receive = trio.open_memory_channel[Presence](_PRESENCE_BUFFER)
+        registry = Registry(presence=presence_send)
+        records = DatabaseRecords(database)
+        dispatcher = Dispatcher(
+            writer=writer, records=records, fleet=registry,
             max_running_executions=config.max_running_executions,
-            agent_grace_s=config.agent_grace_s, kill_grace_s=config.kill_grace_s,
-            report_margin_s=config.report_margin_s, max_output_bytes=config.max_output_bytes,
+            limits=ExecutionLimits(
+                agent_grace_s=config.agent_grace_s, kill_grace_s=config.kill_grace_s,
+                report_margin_s=config.report_margin_s, max_output_bytes=config.max_output_bytes,
+            ),
         )  # fmt: skip
-        dispatcher = Dispatcher(follower=follower, writer=writer, database=database)
-        scheduler = Scheduler(dispatcher, database, max_running_tasks=config.max_running_tasks)
+        scheduler = Scheduler(dispatcher, records, max_running_tasks=config.max_running_tasks)
         tasks = TaskService(
             database=database, writer=writer, scheduler=scheduler, dispatcher=dispatcher,
             max_targets=config.max_targets_per_task,
@@ -121,8 +133,8 @@ async def serve(
             database, days=config.retention_days, interval_s=config.retention_interval_s,
             batch_tasks=config.retention_batch_tasks, pause_s=config.retention_pause_s,
         )  # fmt: skip
+        live = LiveHub(buffer_events=config.sse_buffer_events)
         transitions = TransitionMetrics()
-        writer.observe_transitions(transitions)
         metrics = Metrics({
             "registry": registry.statistics, "writer": writer.statistics,
             "dispatcher": dispatcher.statistics, "scheduler": scheduler.statistics,
@@ -132,7 +144,7 @@ async def serve(
         app = create_app(
             database=database, tasks=tasks, live=live, api_token=config.resolved_api_token(),
             access=ApiAccess(database, bootstrap_token=config.resolved_api_token()), audit=audit,
-            hosts=HostAdmin(database, registry=registry, follower=follower),
+            hosts=HostAdmin(database, fleet=registry, dispatcher=dispatcher),
             limits=HttpLimits(
                 max_body_bytes=config.http_max_body_bytes,
                 max_targets=config.max_targets_per_task,
@@ -143,6 +155,10 @@ async def serve(
             ),
         )  # fmt: skip
         async with trio.open_nursery() as work:
+            await work.start(dispatcher.serve, commits_for_engine, presence_receive)
+            await work.start(serve_acks, commits_for_acks)
+            await work.start(live.serve, commits_for_live, database)
+            await work.start(transitions.serve, commits_for_metrics)
             await work.start(scheduler.serve)
             await work.start(retention.serve)
             await work.start(sessions.serve_liveness)
@@ -151,10 +167,12 @@ async def serve(
             )
             async with trio.open_nursery() as doors:
                 doors.start_soon(_wait_for_signal, shutdown)
+                agent_port = trio.CancelScope()
                 grpc_host, grpc_port = split_listen(config.grpc_listen)
                 grpc_address = await _start_door(doors, "agent port", config.grpc_listen,
                     functools.partial(
-                        grpc_bridge.serve_grpc, sessions.handle_stream, host=grpc_host,
+                        _serve_in, agent_port, grpc_bridge.serve_grpc, sessions.handle_stream,
+                        host=grpc_host,
                         port=grpc_port, backlog=config.grpc_backlog,
                         max_message_bytes=config.max_message_bytes,
                         close_timeout_s=config.shutdown_grace_s, tls=agent_tls,
@@ -162,7 +180,8 @@ async def serve(
                 )  # fmt: skip
                 http_urls = await _start_door(doors, "HTTP", config.http_listen,
                     functools.partial(serve_http, app, listen=config.http_listen,
-                                      shutdown_trigger=shutdown.wait),
+                                      shutdown_trigger=shutdown.wait,
+                                      graceful_timeout_s=config.shutdown_grace_s),
                 )  # fmt: skip
                 http_address = split_listen(http_urls[0].removeprefix("http://"))
                 logger.info(
@@ -177,8 +196,11 @@ async def serve(
                 await shutdown.wait()
                 notifier.stopping("closing the agent port and the HTTP API")
                 logger.info("shutting down: closing the agent port and the HTTP API")
-                doors.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_s
-                doors.cancel_scope.cancel()
+                # The agent port closes now (its streams are recorded as they end); the HTTP
+                # server stops on the same trigger and gives requests in flight the grace. The
+                # deadline only bounds both, should either hang.
+                agent_port.cancel()
+                doors.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_s + 1
             logger.info("stopping work in progress; running executions resume on restart")
             work.cancel_scope.cancel()
     logger.info("the writer has flushed; dispatchd stopped")
@@ -249,9 +271,29 @@ async def _start_door(
     return bound
 
 
+async def _serve_in(
+    scope: trio.CancelScope,
+    serve: Callable[..., Awaitable[None]],
+    *args: Any,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    **kwargs: Any,
+) -> None:
+    """``serve`` until ``scope`` is cancelled (a door closed on its own, before the others)."""
+    with scope:
+        await serve(*args, task_status=task_status, **kwargs)
+
+
 async def _wait_for_signal(shutdown: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            logger.info("received %s", signal.Signals(signum).name)
-            shutdown.set()
-            return
+    """Until SIGTERM/SIGINT (which sets ``shutdown``) or ``shutdown`` is set otherwise."""
+    async with trio.open_nursery() as nursery:
+
+        async def on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    logger.info("received %s", signal.Signals(signum).name)
+                    shutdown.set()
+                    return
+
+        nursery.start_soon(on_signal)
+        await shutdown.wait()
+        nursery.cancel_scope.cancel()

@@ -178,7 +178,7 @@ class SessionManager:
             reason = session.close_reason or "the stream was closed"
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 if attached:
-                    was_current = self._registry.detach(session)
+                    was_current = await self._registry.detach(session)
                 else:  # never registered: offline unless another stream holds the host
                     was_current = not self._registry.is_connected(host_id)
                 logger.info("host %s disconnected: %s", host_id, reason)

@@ -1,8 +1,9 @@
 """Which agents are connected right now: at most one live session per host.
 
 A second stream for a host replaces the first, deterministically: the newer wins and the older
-is closed. Listeners (the dispatcher) hear of every arrival and departure, in order, so work in
-flight can be reconciled with what a returning agent says it holds.
+is closed. Every arrival and departure goes, in order, into the engine's presence channel
+(``engine.fleet.Presence``), so work in flight can be reconciled with what a returning agent
+says it holds.
 
 Revoking a host (``revoke``) closes its stream at once and bumps the host's generation: a stream
 that was admitted before the revocation but attaches after it is refused (``attach`` raises
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
-from daemon.engine.fleet import AgentSession, ArrivalListener, DepartureListener
+from daemon.engine.fleet import AgentSession, Arrived, Departed, Presence
 
 logger = logging.getLogger(__name__)
 
@@ -34,32 +35,18 @@ class HostRevoked(Exception):
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, presence: trio.MemorySendChannel[Presence] | None = None) -> None:
+        """``presence``: where arrivals and departures go (None: nobody follows them)."""
         self._sessions: dict[str, AgentSession] = {}
         self._generations: dict[str, int] = {}
-        self._arrival_events: dict[str, trio.Event] = {}
-        self._arrival_listeners: list[ArrivalListener] = []
-        self._departure_listeners: list[DepartureListener] = []
+        self._presence = presence
         self._arrivals = self._departures = self._replaced = 0
-
-    def on_arrival(self, listener: ArrivalListener) -> None:
-        self._arrival_listeners.append(listener)
-
-    def on_departure(self, listener: DepartureListener) -> None:
-        self._departure_listeners.append(listener)
 
     def current(self, host_id: str) -> AgentSession | None:
         return self._sessions.get(host_id)
 
     def is_connected(self, host_id: str) -> bool:
         return host_id in self._sessions
-
-    async def wait_connected(self, host_id: str) -> AgentSession:
-        """Wait until the host has a session (callers bound the wait)."""
-        while (session := self._sessions.get(host_id)) is None:
-            event = self._arrival_events.setdefault(host_id, trio.Event())
-            await event.wait()
-        return session
 
     def generation(self, host_id: str) -> int:
         """Read before admitting a stream, passed back to ``attach``."""
@@ -87,20 +74,17 @@ class Registry:
         if older is not None:
             self._replaced += 1
             older.close("replaced by a newer connection from the same host")
-        event = self._arrival_events.pop(session.host_id, None)
-        if event is not None:
-            event.set()
-        for listener in self._arrival_listeners:
-            await listener(session)
+        if self._presence is not None:
+            await self._presence.send(Arrived(session))
 
-    def detach(self, session: AgentSession) -> bool:
+    async def detach(self, session: AgentSession) -> bool:
         """Forget ``session`` if it is still the host's current one; True if it was."""
         if self._sessions.get(session.host_id) is not session:
             return False
         del self._sessions[session.host_id]
         self._departures += 1
-        for listener in self._departure_listeners:
-            listener(session.host_id)
+        if self._presence is not None:
+            await self._presence.send(Departed(session.host_id))
         return True
 
     def sessions(self) -> list[AgentSession]:

@@ -48,6 +48,7 @@ from daemon.api import sse
 from daemon.api.admin_routes import register_admin_routes
 from daemon.api.auth import AUDITED_ATTRIBUTE, ApiAccess, Caller, Denied, Forbidden, authorize
 from daemon.api.http_connection import DispatchQuart
+from daemon.api.live import LiveHub
 from daemon.api.responses import ErrorBody
 from daemon.api.routes import (
     PUBLIC_ATTRIBUTE,
@@ -62,7 +63,6 @@ from daemon.api.schemas import DEFAULT_LIMITS, HttpLimits
 from daemon.engine.hosts import HostAdmin
 from daemon.ops.audit import ATTEMPTED, DENIED, FAILED, OK, AuditLog, AuditRecord
 from daemon.store.database import Database
-from daemon.store.live import LiveHub
 
 __all__ = [
     "Caller", "HttpLimits", "Services", "TaskService", "create_app", "public", "serve_http",

@@ -22,6 +22,7 @@ from daemon import errors
 from daemon.api import sse
 from daemon.api.admin_schemas import HostListQueryWithEnrollment
 from daemon.api.auth import ApiAccess, audited
+from daemon.api.live import LiveHub
 from daemon.api.parsing import (
     idempotency_key,
     json_body,
@@ -58,7 +59,6 @@ from daemon.identifiers import HOST_ID
 from daemon.ops.audit import AuditLog
 from daemon.store import queries, stats
 from daemon.store.database import Database
-from daemon.store.live import LiveHub
 from daemon.taskspec import TaskSpec
 
 API = "/api/v1"

@@ -35,10 +35,10 @@ from typing import Any
 
 import trio
 
+from daemon.api import catch_up
+from daemon.api.live import LiveEvent, LiveHub
 from daemon.states import TASK_TERMINAL, ExecStatus
-from daemon.store import changes
 from daemon.store.database import Database
-from daemon.store.live import LiveEvent, LiveHub
 from daemon.store.queries import omitted_marker
 
 logger = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ async def task_events(
         while not streams.closing:
             with live.subscribe(task_id) as subscription:
                 if resume is None:
-                    snapshot = await database.read(changes.task_snapshot, task_id)
+                    snapshot = await database.read(catch_up.task_snapshot, task_id)
                     if snapshot is None:
                         return
                     renderer.last_id = snapshot.seq
@@ -288,5 +288,5 @@ async def task_events(
 
 def _changes_since(
     task_id: int, after_seq: int, limit: int, include_output: bool
-) -> changes.Changes | None:
-    return changes.changes_since(task_id, after_seq, limit, include_output=include_output)
+) -> catch_up.Changes | None:
+    return catch_up.changes_since(task_id, after_seq, limit, include_output=include_output)

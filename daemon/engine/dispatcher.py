@@ -1,54 +1,40 @@
-"""Running one task: every host's commands, in order, under the task's and the daemon's limits.
+"""The running tasks, and what reaches them: committed changes and agents coming and going.
 
-Hosts are launched in target order; with ``max_concurrency`` only that many walk at once. Each
-host's walk runs its commands one after another (``daemon.engine.executions`` follows each to its
-recorded end); a host that fails skips the rest of its commands unless the task says
-``continue_on_error``. Past ``max_failures`` failed hosts nothing new starts: what has not started
-ends ``cancelled`` / ``error_threshold``. The user's cancel reaches every execution in flight and
-ends the rest ``cancelled`` before they start. A daemon shutdown records none of this: the task
-stays running and is resumed on restart. When every host is done the task ends ``completed``
-(every execution succeeded), ``cancelled`` (by the user) or ``failed``.
+Each running task is one ``TaskRun`` (``engine.task_run``), run by the scheduler in a trio task
+of its own. ``Dispatcher.serve`` reads two channels, each in its own task, and hands what they
+bring to the tasks concerned, without waiting: the writer's committed values (transitions of
+their executions, by task id) and the agents' presence (to the tasks with an execution on the
+host). The daemon-wide execution limit is shared by all of them (``engine.slots``).
+
+An agent that comes back still holding executions the record says are over is told to cancel
+them there.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
-from daemon.engine.executions import RECORD_WAIT_S, ExecutionFollower
+from daemon.engine.fleet import Arrived, Departed, Fleet, Presence
+from daemon.engine.records import TaskRecords
+from daemon.engine.slots import ExecutionSlots
+from daemon.engine.task_run import (
+    AgentArrived,
+    AgentLeft,
+    CancelRequested,
+    ExecutionLimits,
+    TaskRun,
+    Transition,
+)
+from daemon.engine.timers import RECORD_WAIT_S
 from daemon.states import ExecStatus, Reason, TaskStatus
-from daemon.store import task_records
-from daemon.store.database import Database
-from daemon.store.task_records import PlannedExecution, TaskPlan
+from daemon.store.commits import Committed
 from daemon.store.writer import Writer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class TaskRun:
-    task_id: int
-    plan: TaskPlan = field(init=False)  # loaded after the run is registered for cancels
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    user_cancelled: bool = False
-    stop_reason: Reason | None = None  # set once no new execution may start
-    failed_hosts: int = 0
-    host_slots: trio.CapacityLimiter | None = None
-
-    def host_failed(self) -> None:
-        self.failed_hosts += 1
-        limit = self.plan.max_failures
-        if limit is not None and self.failed_hosts > limit and self.stop_reason is None:
-            self.stop_reason = Reason.ERROR_THRESHOLD
-            logger.info(
-                "task %s: %d hosts failed (more than %d); nothing new starts",
-                self.task_id,
-                self.failed_hosts,
-                limit,
-            )
 
 
 @dataclass(frozen=True)
@@ -60,63 +46,48 @@ class DispatcherStatistics:
 
 
 class Dispatcher:
-    def __init__(self, *, follower: ExecutionFollower, writer: Writer, database: Database) -> None:
-        self._executions = follower
+    def __init__(
+        self,
+        *,
+        writer: Writer,
+        records: TaskRecords,
+        fleet: Fleet,
+        max_running_executions: int,
+        limits: ExecutionLimits,
+    ) -> None:
         self._writer = writer
-        self._database = database
+        self._records = records
+        self._fleet = fleet
+        self._slots = ExecutionSlots(max_running_executions)
+        self._limits = limits
         self._runs: dict[int, TaskRun] = {}
 
     # ------------------------------------------------------------------ tasks
+
+    async def run_task(self, task_id: int) -> TaskStatus | None:
+        """Run (or resume) a queued or running task to its end; returns its final status."""
+        run = TaskRun(
+            task_id, writer=self._writer, records=self._records, fleet=self._fleet,
+            slots=self._slots, limits=self._limits,
+        )  # fmt: skip
+        # Registered before it reads its plan: a change committed from now on reaches it.
+        self._runs[task_id] = run
+        try:
+            return await run.run()
+        finally:
+            del self._runs[task_id]
 
     def cancel_task(self, task_id: int) -> bool:
         run = self._runs.get(task_id)
         if run is None:
             return False
-        run.user_cancelled = True
-        run.scope.cancel()
+        run.inbox.put(CancelRequested())
         return True
-
-    async def run_task(self, task_id: int) -> TaskStatus | None:
-        """Run (or resume) a queued or running task to its end; returns its final status."""
-        run = TaskRun(task_id)
-        self._runs[task_id] = run  # before reading: a cancel from now on is not missed
-        try:
-            plan = await self._database.read(task_records.load_plan, task_id)
-            if plan is None or plan.status not in (TaskStatus.QUEUED, TaskStatus.RUNNING):
-                return None
-            run.plan = plan
-            if plan.cancel_requested:
-                run.user_cancelled = True
-                run.scope.cancel()
-            started = await self._writer.change_task(
-                task_id,
-                TaskStatus.RUNNING,
-                frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING}),
-                started_at=plan.started_at or time.time(),
-            )
-            if not started:
-                return None  # cancelled while it waited in the queue
-            if plan.max_concurrency is not None:
-                run.host_slots = trio.CapacityLimiter(plan.max_concurrency)
-            resumed = plan.status == TaskStatus.RUNNING
-            logger.info(
-                "task %s %s: %d hosts, %d commands",
-                task_id,
-                "resumed" if resumed else "started",
-                len(plan.by_host),
-                len(plan.commands),
-            )
-            with run.scope:
-                async with trio.open_nursery() as hosts:
-                    await self._launch_hosts(run, hosts)
-            return await self._finish_task(run)
-        finally:
-            del self._runs[task_id]
 
     async def abandon_task(self, task_id: int) -> None:
         """End a task whose run failed with an internal error, and everything it left open."""
         with trio.CancelScope(shield=True), trio.move_on_after(RECORD_WAIT_S):
-            ids = await self._database.read(task_records.unfinished_execution_ids, task_id)
+            ids = await self._records.unfinished_execution_ids(task_id)
             await self._writer.settle(
                 ids,
                 ExecStatus.FAILED,
@@ -125,113 +96,83 @@ class Dispatcher:
             )
             await self._writer.change_task(
                 task_id, TaskStatus.FAILED, frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING}),
-                finished_at=time.time(), error="internal error in the daemon; see its log",
+                finished_at=time.time(),
+                error="internal error in the daemon; see its log",
             )  # fmt: skip
 
-    async def _finish_task(self, run: TaskRun) -> TaskStatus:
-        counts = await self._database.read(task_records.status_counts, run.task_id)
-        unfinished = [s for s in counts if not s.terminal]
-        if unfinished:  # a bug if it happens; never leave an execution running forever
-            logger.error("task %s ended with executions still %s", run.task_id, unfinished)
-        total = sum(counts.values())
-        succeeded = counts.get(ExecStatus.SUCCEEDED, 0)
-        if run.user_cancelled:
-            final, error = TaskStatus.CANCELLED, "cancelled by user"
-        elif succeeded == total:
-            final, error = TaskStatus.COMPLETED, None
-        else:
-            final = TaskStatus.FAILED
-            error = f"{total - succeeded} of {total} executions did not succeed"
-            if run.stop_reason == Reason.ERROR_THRESHOLD:
-                error += f"; stopped after {run.failed_hosts} hosts failed"
-        await self._writer.change_task(
-            run.task_id, final, frozenset({TaskStatus.RUNNING}),
-            finished_at=time.time(), error=error,
-        )  # fmt: skip
-        logger.info("task %s %s (%d/%d succeeded)", run.task_id, final, succeeded, total)
-        return final
+    async def fail_host(self, host_id: str, reason: Reason, message: str) -> int:
+        """Settle every execution in flight on ``host_id`` as ``failed`` / ``reason`` (the host
+        was revoked: nothing it reports counts any more). Returns how many were settled."""
+        ids = sorted(i for run in self._runs.values() for i in run.unsettled_on(host_id))
+        if ids:
+            logger.warning(
+                "host %s: %d executions in flight settled failed (%s)", host_id, len(ids), reason
+            )
+            await self._writer.settle(ids, ExecStatus.FAILED, reason, message)
+        return len(ids)
 
-    # ------------------------------------------------------------------ hosts
+    # ------------------------------------------------------------------ what reaches them
 
-    async def _launch_hosts(self, run: TaskRun, hosts: trio.Nursery) -> None:
-        """Start each host's walk in target order, taking the host's slot on its behalf first,
-        so a rollout with ``max_concurrency`` goes host by host in the order asked for (trio
-        schedules tasks in no promised order) and only that many walks exist at once."""
-        waiting = list(run.plan.by_host.values())
-        try:
-            while waiting and run.stop_reason is None:
-                executions = waiting[0]
-                slot = None
-                if run.host_slots is not None and not all(e.status.terminal for e in executions):
-                    slot = object()
-                    await run.host_slots.acquire_on_behalf_of(slot)
-                    if run.stop_reason is not None:
-                        run.host_slots.release_on_behalf_of(slot)
-                        break
-                waiting.pop(0)
-                hosts.start_soon(self._run_host, run, executions, slot)
-            if waiting:
-                await self._end_unstarted(run, [e for host in waiting for e in host])
-        except trio.Cancelled:
-            if run.user_cancelled:
-                with trio.CancelScope(shield=True):
-                    await self._end_unstarted(run, [e for host in waiting for e in host])
-            raise
-
-    async def _run_host(
-        self, run: TaskRun, executions: list[PlannedExecution], slot: object | None
+    async def serve(
+        self,
+        commits: trio.MemoryReceiveChannel[Committed],
+        presence: trio.MemoryReceiveChannel[Presence],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Walk one host's commands in order; a failure skips the rest (unless told not to)."""
-        remaining = list(executions)
-        try:
-            while remaining:
-                planned = remaining[0]
-                if planned.status.terminal:  # resumed after a restart: already over
-                    status = planned.status
-                elif run.stop_reason is not None:
-                    break
-                else:
-                    status = await self._executions.execute(run, planned)
-                remaining.pop(0)
-                if status in (ExecStatus.SUCCEEDED, ExecStatus.CANCELLED):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._route_commits, commits)
+            nursery.start_soon(self._route_presence, presence)
+            task_status.started()
+
+    async def _route_commits(self, commits: trio.MemoryReceiveChannel[Committed]) -> None:
+        async with commits:
+            async for committed in commits:
+                by_run: dict[TaskRun, list[Transition]] = {}
+                for ch_id, status, _reason in committed.transitions:
+                    if status == ExecStatus.DISPATCHED:
+                        continue  # the task's own decision
+                    run = self._runs.get(committed.executions[ch_id].task_id)
+                    if run is not None:
+                        by_run.setdefault(run, []).append(Transition(ch_id, status))
+                for run, transitions in by_run.items():
+                    run.inbox.put_all(transitions)
+
+    async def _route_presence(self, presence: trio.MemoryReceiveChannel[Presence]) -> None:
+        async with presence:
+            async for news in presence:
+                if isinstance(news, Departed):
+                    for run in self._runs.values():
+                        if run.active_on(news.host_id):
+                            run.inbox.put(AgentLeft(news.host_id))
                     continue
-                run.host_failed()
-                if not run.plan.continue_on_error:
-                    await self._writer.settle(
-                        [e.id for e in remaining], ExecStatus.SKIPPED, Reason.PREVIOUS_FAILED,
-                        f"skipped: command {planned.command_index} did not succeed on this host",
-                    )  # fmt: skip
-                    return
-            if remaining:
-                await self._end_unstarted(run, remaining)
-        except trio.Cancelled:
-            if run.user_cancelled:
-                with trio.CancelScope(shield=True):
-                    # The execution in progress settled itself first; settling is conditional,
-                    # so this only ends the ones that never began.
-                    await self._end_unstarted(run, remaining)
-            raise
-        finally:
-            if slot is not None:
-                assert run.host_slots is not None
-                run.host_slots.release_on_behalf_of(slot)
+                session = news.session
+                for run in self._runs.values():
+                    if run.active_on(session.host_id):
+                        run.inbox.put(AgentArrived(session))
+                strangers = [
+                    i for i in session.known_ids if not any(r.holds(i) for r in self._runs.values())
+                ]
+                if strangers:
+                    await self._cancel_finished(news, strangers)
 
-    # ------------------------------------------------------------------ executions
-
-    async def _end_unstarted(self, run: TaskRun, executions: list[PlannedExecution]) -> None:
-        """End executions that will never start: the user cancelled, or too many hosts failed."""
-        if run.user_cancelled:
-            reason, message = Reason.USER_CANCEL, "cancelled before it started"
-        else:
-            reason = Reason.ERROR_THRESHOLD
-            message = f"not started: more than {run.plan.max_failures} hosts failed"
-        await self._writer.settle([e.id for e in executions], ExecStatus.CANCELLED, reason, message)
+    async def _cancel_finished(self, news: Arrived, ids: list[int]) -> None:
+        """An agent still holds executions the record says are over: stop them there too."""
+        statuses = await self._records.execution_statuses(ids)
+        over = [i for i, status in statuses.items() if status.terminal]
+        if over:
+            logger.info(
+                "host %s still holds %d finished executions; cancelling them there",
+                news.session.host_id,
+                len(over),
+            )
+            news.session.send_cancel_nowait(over)
 
     def statistics(self) -> DispatcherStatistics:
-        follower = self._executions.statistics()
+        slots = self._slots.statistics()
         return DispatcherStatistics(
             tasks_running=len(self._runs),
-            executions_in_flight=follower.in_flight,
-            executions_running_limit=follower.running_limit,
-            executions_waiting_for_slot=follower.waiting_for_slot,
+            executions_in_flight=sum(len(run.flights) for run in self._runs.values()),
+            executions_running_limit=slots.total,
+            executions_waiting_for_slot=slots.waiting,
         )

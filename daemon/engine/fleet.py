@@ -7,7 +7,7 @@ shape: so the engine never imports the agents' side, and its tests drive it with
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from proto.dispatch import v1 as pb
@@ -31,10 +31,6 @@ class AgentSession(Protocol):
     def close(self, reason: str) -> None: ...
 
 
-ArrivalListener = Callable[[AgentSession], Awaitable[None]]
-DepartureListener = Callable[[str], None]
-
-
 class Fleet(Protocol):
     """The connected agents, at most one session per host."""
 
@@ -44,6 +40,19 @@ class Fleet(Protocol):
 
     def revoke(self, host_id: str, reason: str) -> bool: ...
 
-    def on_arrival(self, listener: ArrivalListener) -> None: ...
 
-    def on_departure(self, listener: DepartureListener) -> None: ...
+# What the agent port tells the engine, in order, through a bounded channel the server wires
+# (``Dispatcher.serve``): a host's stream became current, or the host has none any more.
+
+
+@dataclass(frozen=True, slots=True)
+class Arrived:
+    session: AgentSession
+
+
+@dataclass(frozen=True, slots=True)
+class Departed:
+    host_id: str
+
+
+Presence = Arrived | Departed

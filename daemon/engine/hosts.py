@@ -13,6 +13,8 @@ import logging
 from typing import Any
 
 from daemon import errors
+from daemon.engine.dispatcher import Dispatcher
+from daemon.engine.fleet import Fleet
 from daemon.states import EnrollmentState, Reason
 from daemon.store import queries
 from daemon.store.database import Database
@@ -57,14 +59,20 @@ _APPROVABLE = frozenset(
 
 
 class HostAdmin:
-    """Approve, reject and revoke hosts. ``registry``/``follower`` (the live daemon) let a
+    """Approve, reject and revoke hosts. ``fleet``/``dispatcher`` (the live daemon) let a
     revocation close the host's stream and settle what runs on it; without them (an HTTP app
     alone) only the record changes."""
 
-    def __init__(self, database: Database, *, registry: Any = None, follower: Any = None) -> None:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        fleet: Fleet | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
         self._database = database
-        self._registry = registry
-        self._follower = follower
+        self._fleet = fleet
+        self._dispatcher = dispatcher
 
     async def _change(
         self, host_id: str, to: EnrollmentState, allowed_from: frozenset[EnrollmentState]
@@ -98,10 +106,10 @@ class HostAdmin:
         """Returns the host and what the revocation did (for the audit record)."""
         await self._change(host_id, EnrollmentState.REVOKED, frozenset({EnrollmentState.APPROVED}))
         closed = settled = 0
-        if self._registry is not None:
-            closed = int(self._registry.revoke(host_id, "the host was revoked"))
-        if self._follower is not None:
-            settled = await self._follower.fail_host(
+        if self._fleet is not None:
+            closed = int(self._fleet.revoke(host_id, "the host was revoked"))
+        if self._dispatcher is not None:
+            settled = await self._dispatcher.fail_host(
                 host_id, Reason.HOST_REVOKED, "the host was revoked by an administrator"
             )
         logger.warning(

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import trio
 
 from daemon.engine.dispatcher import Dispatcher
+from daemon.engine.records import TaskRecords
 from daemon.states import TaskStatus
-from daemon.store import task_records
-from daemon.store.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +30,10 @@ class SchedulerStatistics:
 
 class Scheduler:
     def __init__(
-        self, dispatcher: Dispatcher, database: Database, *, max_running_tasks: int
+        self, dispatcher: Dispatcher, records: TaskRecords, *, max_running_tasks: int
     ) -> None:
         self._dispatcher = dispatcher
-        self._database = database
+        self._records = records
         self._max_running = max_running_tasks
         self._active: set[int] = set()
         self._wakeup = trio.Event()
@@ -47,9 +46,7 @@ class Scheduler:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            interrupted = await self._database.read(
-                task_records.tasks_in_status, TaskStatus.RUNNING, _RESUME_BATCH
-            )
+            interrupted = await self._records.tasks_in_status(TaskStatus.RUNNING, _RESUME_BATCH)
             if interrupted:
                 logger.info(
                     "resuming %d tasks that were running when the daemon stopped", len(interrupted)
@@ -66,9 +63,7 @@ class Scheduler:
         free = self._max_running - len(self._active)
         if free <= 0:
             return
-        queued = await self._database.read(
-            task_records.tasks_in_status, TaskStatus.QUEUED, free, sorted(self._active)
-        )
+        queued = await self._records.tasks_in_status(TaskStatus.QUEUED, free, sorted(self._active))
         for task_id in queued:
             self._launch(task_id)
 

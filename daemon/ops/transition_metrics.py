@@ -1,9 +1,9 @@
-"""Counters and histograms of executions, fed by the writer after each committed batch.
+"""Counters and histograms of executions, from the writer's committed batches.
 
-``Writer.observe_transitions`` hands over the committed record of every execution whose status
-changed in a batch (once per change: an execution that moved twice in one batch comes twice, both
-times as it ended the batch); ``TransitionMetrics`` turns each execution into a few additions (no
-lock: the writer calls it from the trio thread, and ``/metrics`` reads it there too). What it
+``TransitionMetrics.serve`` reads the writer's commit feed (``store.commits``): the committed
+record of every execution whose status changed in a batch (once per change: an execution that
+moved twice in one batch comes twice, both times as it ended the batch), and turns each into a
+few additions (no lock: it runs in the trio thread, and ``/metrics`` reads it there too). What it
 measures:
 
 - executions finished, by final status (since the daemon started);
@@ -21,7 +21,10 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 
+import trio
+
 from daemon.states import EXEC_TERMINAL, ExecStatus
+from daemon.store.commits import Committed
 from daemon.store.ledger import Execution
 
 LATENCY_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -65,6 +68,19 @@ class TransitionMetrics:
         self.commit_lag = Buckets(LAG_BOUNDS_S)
         self.output_bytes = {"stdout": 0, "stderr": 0}
         self._started: set[int] = set()  # running executions whose latency was counted
+
+    async def serve(
+        self,
+        commits: trio.MemoryReceiveChannel[Committed],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+        async with commits:
+            async for committed in commits:
+                if committed.transitions:
+                    executions = committed.executions
+                    self([executions[ch_id] for ch_id, _, _ in committed.transitions])
 
     def __call__(self, moved: Sequence[Execution]) -> None:
         now = self._clock()

@@ -36,10 +36,9 @@ class FlushResult:
     plan: Plan
     task_applied: list[bool]
     task_rows: dict[int, dict[str, Any]] = field(default_factory=dict)
-    progress: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
-def flush(db: Database, ledger: Ledger, ops: Sequence[Op], watched: set[int]) -> FlushResult:
+def flush(db: Database, ledger: Ledger, ops: Sequence[Op]) -> FlushResult:
     with db.atomic():
         loaded = load_executions(db, ledger.unknown_ids(ops), ledger.head_bytes)
         plan = ledger.plan(ops, loaded)
@@ -50,10 +49,6 @@ def flush(db: Database, ledger: Ledger, ops: Sequence[Op], watched: set[int]) ->
     ]
     if changed_tasks:
         result.task_rows = task_rows(db, changed_tasks)
-    touched = {ex.task_id for ex in plan.changed.values()} | set(changed_tasks)
-    watched_touched = sorted(touched & watched)
-    if watched_touched:
-        result.progress = progress_counts(db, watched_touched)
     return result
 
 
@@ -164,20 +159,6 @@ def task_rows(db: Database, task_ids: Sequence[int]) -> dict[int, dict[str, Any]
     )
     names = ("id", "status", "started_at", "finished_at", "error", "cancel_requested")
     return {row[0]: dict(zip(names, row, strict=True)) for row in rows}
-
-
-def progress_counts(db: Database, task_ids: Sequence[int]) -> dict[int, dict[str, int]]:
-    marks = ", ".join("?" * len(task_ids))
-    counts: dict[int, dict[str, int]] = {task_id: {} for task_id in task_ids}
-    rows = _query(
-        db,
-        f"SELECT task_id, status, COUNT(*) FROM command_host WHERE task_id IN ({marks}) "
-        f"GROUP BY task_id, status",
-        task_ids,
-    )
-    for task_id, status, count in rows:
-        counts[task_id][status] = count
-    return counts
 
 
 def max_change_seq(db: Database) -> int:

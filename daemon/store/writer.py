@@ -1,20 +1,23 @@
 """The batch writer: every change to executions and tasks, in one order, one transaction a batch.
 
-Producers (agent sessions, the dispatcher, the task use cases) put ``ledger`` ops into a bounded
+Producers (agent sessions, the engine, the task use cases) put ``write_ops`` into a bounded
 channel and wait when it is full, which slows agents through gRPC flow control instead of growing
 memory (their journals hold what is not yet acknowledged). A batch closes when it reaches
-``batch_events`` changes or its first change is ``batch_age_s`` old. After a batch committed, and
-only then: agents get their acknowledgements, watchers their live events, the dispatcher the new
-states, and callers of ``change_task`` their answer. A database that fails transiently (locked,
-disk full, connection lost) is retried with backoff while producers wait; nothing is dropped.
+``batch_events`` changes or its first change is ``batch_age_s`` old. The batch is planned by the
+ledger and written by the injected ``flush`` (the database's in a worker thread, or an in-memory
+one in tests). After it committed, and only then, the writer publishes one ``Committed`` value on
+its feed (``store.commits``): whoever reacts reads it there, in its own task. Callers of
+``change_task`` get their answer. A database that fails transiently (locked, disk full,
+connection lost) is retried with backoff while producers wait; nothing is dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +26,9 @@ import trio
 
 from daemon.states import ExecStatus, Reason, TaskStatus
 from daemon.store import flush
+from daemon.store.commits import CommitFeed, Committed, OutputRow, TaskRowChange
 from daemon.store.database import Database
-from daemon.store.ledger import Execution, Ledger
-from daemon.store.live import LiveEvent, LiveHub
-from daemon.store.views import execution_view, progress_view, task_event_view
+from daemon.store.ledger import Ledger
 from daemon.store.write_ops import (
     AckSink,
     AgentEvents,
@@ -41,11 +43,11 @@ from proto.dispatch import v1 as pb
 
 logger = logging.getLogger(__name__)
 
-TransitionObserver = Callable[[Sequence[Execution]], None]
-StatusListener = Callable[[Sequence[tuple[int, ExecStatus, str | None]]], None]
+# Writes one planned batch in one transaction; the ledger plans inside it (executions it does not
+# hold are loaded in the same transaction).
+Flush = Callable[[Ledger, Sequence[Op]], Awaitable[flush.FlushResult]]
 
 _TRANSIENT = (peewee.OperationalError, peewee.InterfaceError)
-_OUTPUT_STREAMS = {1: "stdout", 2: "stderr"}
 
 
 @dataclass(frozen=True)
@@ -67,22 +69,19 @@ class WriterStatistics:
 class Writer:
     def __init__(
         self,
-        database: Database,
+        flush_batch: Flush,
         ledger: Ledger,
-        live: LiveHub,
         *,
         queue_items: int,
         batch_events: int,
         batch_age_s: float,
     ) -> None:
-        self._database = database
+        self._flush = flush_batch
         self._ledger = ledger
-        self._live = live
+        self.feed = CommitFeed()
         self._batch_events = batch_events
         self._batch_age_s = batch_age_s
         self._send, self._receive = trio.open_memory_channel[Op](queue_items)
-        self._listeners: list[StatusListener] = []
-        self._transition_observers: list[TransitionObserver] = []
         self._batches = self._ops = self._events = self._duplicates = self._refused = 0
         self._rows_changed = self._output_rows = self._failures = 0
         self._last_batch_size = 0
@@ -91,15 +90,6 @@ class Writer:
         # writing of what is already queued; only ``kill()`` (past the close deadline) stops it.
         self._scope = trio.CancelScope(shield=True)
         self._stopped = trio.Event()
-
-    def add_listener(self, listener: StatusListener) -> None:
-        """``listener`` gets (execution id, new status, reason) for every durable transition."""
-        self._listeners.append(listener)
-
-    def observe_transitions(self, observer: TransitionObserver) -> None:
-        """``observer`` gets the committed record of every execution whose status changed in a
-        batch (for metrics: durations, dispatch latency). It must not block."""
-        self._transition_observers.append(observer)
 
     # ------------------------------------------------------------------ producers
 
@@ -146,6 +136,7 @@ class Writer:
                             return  # the channel closed and everything before it is written
                         await self._write(batch)
         finally:
+            self.feed.close()
             self._stopped.set()
 
     def kill(self) -> None:
@@ -174,13 +165,7 @@ class Writer:
         while True:
             started = time.perf_counter()
             try:
-                result = await self._database.write(
-                    flush.flush,
-                    self._database.db,
-                    self._ledger,
-                    batch,
-                    set(self._live.watched_tasks()),
-                )
+                result = await self._flush(self._ledger, batch)
                 break
             except _TRANSIENT as exc:
                 self._failures += 1
@@ -194,7 +179,7 @@ class Writer:
                 delay = min(delay * 2, 5.0)
         self._last_flush_s = time.perf_counter() - started
         self._account(batch, result)
-        self._fan_out(result)
+        await self._publish(result)
 
     def _account(self, batch: list[Op], result: flush.FlushResult) -> None:
         plan = result.plan
@@ -207,45 +192,27 @@ class Writer:
         self._output_rows += len(plan.output_rows)
         self._last_batch_size = sum(op_weight(op) for op in batch)
 
-    def _fan_out(self, result: flush.FlushResult) -> None:
+    async def _publish(self, result: flush.FlushResult) -> None:
         plan = result.plan
         self._ledger.commit(plan)
-        for (change, _), applied in zip(plan.task_changes, result.task_applied, strict=True):
+        applied_tasks = []
+        for (change, seq), applied in zip(plan.task_changes, result.task_applied, strict=True):
             change.applied = applied
             change.done.set()
-        for sink, acks in plan.acks.items():
-            sink.ack_nowait(acks)
-        if plan.status_changes:
-            for listener in self._listeners:
-                listener(plan.status_changes)
-            if self._transition_observers:
-                moved = [plan.changed[ch_id] for ch_id, _, _ in plan.status_changes]
-                for observer in self._transition_observers:
-                    observer(moved)
-        self._publish(result)
-
-    def _publish(self, result: flush.FlushResult) -> None:
-        plan, live = result.plan, self._live
-        changed_ids = {ch_id for ch_id, _, _ in plan.status_changes}
-        for ch_id in changed_ids:
-            ex = plan.changed[ch_id]
-            if live.watched(ex.task_id):
-                live.publish(
-                    LiveEvent(ex.change_seq, ex.task_id, "execution", execution_view(ex.view_row()))
-                )
-        for ch_id, task_id, stream, offset, _size, data, seq in plan.output_rows:
-            if live.watched(task_id):
-                host_id = plan.changed[ch_id].host_id
-                live.publish(LiveEvent(seq, task_id, "output", {
-                    "execution_id": str(ch_id), "host_id": host_id,
-                    "stream": _OUTPUT_STREAMS[stream], "offset": offset, "data": data,
-                }))  # fmt: skip
-        for (change, seq), applied in zip(plan.task_changes, result.task_applied, strict=True):
             row = result.task_rows.get(change.task_id)
-            if applied and row is not None and live.watched(change.task_id):
-                live.publish(LiveEvent(seq, change.task_id, "task", task_event_view(row)))
-        for task_id, counts in result.progress.items():
-            live.publish(LiveEvent(plan.next_seq - 1, task_id, "progress", progress_view(counts)))
+            if applied and row is not None:
+                applied_tasks.append(TaskRowChange(change.task_id, seq, row))
+        output = [
+            OutputRow(ch_id, task_id, stream, offset, data, seq)
+            for ch_id, task_id, stream, offset, _size, data, seq in plan.output_rows
+        ]
+        await self.feed.publish(
+            Committed(
+                first_seq=plan.first_seq, last_seq=plan.next_seq - 1, committed_at=time.time(),
+                transitions=plan.status_changes, executions=plan.changed, output=output,
+                tasks=applied_tasks, acks=plan.acks,
+            )
+        )  # fmt: skip
 
     def statistics(self) -> WriterStatistics:
         return WriterStatistics(
@@ -266,6 +233,9 @@ class Writer:
     async def aclose(self) -> None:
         await self._send.aclose()
 
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
 
 def first_cause(exc: BaseException) -> BaseException:
     """SQLite ends the transaction itself on some errors (a full disk, an I/O error); peewee's
@@ -275,10 +245,14 @@ def first_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def database_flush(database: Database) -> Flush:
+    """The real ``Flush``: one transaction on ``database``, in a writer thread."""
+    return functools.partial(database.write, flush.flush, database.db)
+
+
 @contextlib.asynccontextmanager
 async def open_writer(
     database: Database,
-    live: LiveHub,
     *,
     max_output_bytes: int,
     queue_items: int,
@@ -286,17 +260,33 @@ async def open_writer(
     batch_age_s: float,
     close_timeout_s: float,
 ) -> AsyncIterator[Writer]:
-    """The writer for the daemon's lifetime; on exit it writes everything queued before."""
+    """The writer over ``database`` for the daemon's lifetime; on exit it writes everything
+    queued before."""
     next_seq = await database.read(flush.max_change_seq, database.db) + 1
-    ledger = Ledger(max_output_bytes=max_output_bytes, next_seq=next_seq)
+    async with run_writer(
+        database_flush(database), Ledger(max_output_bytes=max_output_bytes, next_seq=next_seq),
+        queue_items=queue_items, batch_events=batch_events, batch_age_s=batch_age_s,
+        close_timeout_s=close_timeout_s,
+    ) as writer:  # fmt: skip
+        yield writer
+
+
+@contextlib.asynccontextmanager
+async def run_writer(
+    flush_batch: Flush,
+    ledger: Ledger,
+    *,
+    queue_items: int,
+    batch_events: int,
+    batch_age_s: float,
+    close_timeout_s: float,
+) -> AsyncIterator[Writer]:
+    """A writer serving for the block's lifetime over any ``flush_batch``; on exit it writes
+    everything queued before, within ``close_timeout_s``."""
     writer = Writer(
-        database,
-        ledger,
-        live,
-        queue_items=queue_items,
-        batch_events=batch_events,
+        flush_batch, ledger, queue_items=queue_items, batch_events=batch_events,
         batch_age_s=batch_age_s,
-    )
+    )  # fmt: skip
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.serve)
         try:
@@ -305,7 +295,7 @@ async def open_writer(
             with trio.CancelScope(shield=True):
                 await writer.aclose()
                 with trio.move_on_after(close_timeout_s) as waited:
-                    await writer._stopped.wait()
+                    await writer.wait_stopped()
             if waited.cancelled_caught:
                 logger.error(
                     "the writer did not finish within %.1f s; what it had not written "

@@ -16,10 +16,10 @@ import pytest
 
 from daemon import errors
 from daemon.api.app import create_app
+from daemon.api.live import LiveHub
 from daemon.api.schemas import HttpLimits
 from daemon.store import models
 from daemon.store.database import Database
-from daemon.store.live import LiveHub
 from daemon.store.models import Command, CommandHost, Host, HostConnection, OutputChunk, Task
 from daemon.taskspec import TaskSpec
 

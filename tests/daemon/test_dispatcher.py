@@ -13,16 +13,14 @@ import trio
 
 from daemon.agents.registry import Registry
 from daemon.engine.dispatcher import Dispatcher
-from daemon.engine.executions import ExecutionFollower
-from daemon.engine.scheduler import Scheduler
 from daemon.engine.tasks import TaskService
 from daemon.store import models
 from daemon.store.database import Database
-from daemon.store.live import LiveHub
 from daemon.store.models import CommandHost, Task
-from daemon.store.writer import Writer, open_writer
+from daemon.store.writer import Writer
 from daemon.taskspec import CommandSpec, TaskSpec
 from proto.dispatch import v1 as pb
+from tests.daemon.core_testing import open_acking_writer, open_engine
 
 GRACE_S = 0.3
 
@@ -147,33 +145,11 @@ async def open_core(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Core]:
     for host in ("offline-1", "late-1"):
         with db.connection_context():
             _ensure_host(host)
-    async with open_writer(database, LiveHub(buffer_events=100), max_output_bytes=1000,
-                           queue_items=1000, batch_events=500, batch_age_s=0.005,
-                           close_timeout_s=5) as writer:  # fmt: skip
-        registry = Registry()
-        follower = ExecutionFollower(
-            registry=registry,
-            writer=writer,
-            database=database,
-            max_running_executions=5,
-            agent_grace_s=GRACE_S,
-            kill_grace_s=0.1,
-            report_margin_s=0.2,
-            max_output_bytes=1000,
-        )
-        dispatcher = Dispatcher(follower=follower, writer=writer, database=database)
-        scheduler = Scheduler(dispatcher, database, max_running_tasks=4)
-        tasks = TaskService(
-            database=database,
-            writer=writer,
-            scheduler=scheduler,
-            dispatcher=dispatcher,
-            max_targets=100,
-        )
-        async with trio.open_nursery() as inner:
-            await inner.start(scheduler.serve)
-            yield Core(database, writer, registry, dispatcher, tasks, nursery)
-            inner.cancel_scope.cancel()
+    async with open_acking_writer(database) as writer, open_engine(
+        writer, database, max_running_executions=5, agent_grace_s=GRACE_S, kill_grace_s=0.1,
+        report_margin_s=0.2,
+    ) as engine:  # fmt: skip
+        yield Core(database, writer, engine.registry, engine.dispatcher, engine.tasks, nursery)
     db.close_all()
 
 
@@ -318,7 +294,7 @@ async def test_an_agent_gone_past_the_grace_is_lost(core: Core) -> None:
     agent = await core.connect("h0", behaviour="hang")
     task_id = await core.run(["h0"], "sleep 60")
     await eventually(lambda: bool(agent.runs))
-    core.registry.detach(agent)
+    await core.registry.detach(agent)
     task = await core.wait_task(task_id)
     row = (await core.executions(task_id))[("h0", 0)]
     assert (task.status, row.status, row.reason, row.exit_code) == (
@@ -335,7 +311,7 @@ async def test_an_agent_back_within_the_grace_delivers_its_result(core: Core) ->
     task_id = await core.run(["h0"], "sleep 1")
     await eventually(lambda: bool(agent.runs))
     ch_id = agent.runs[0]
-    core.registry.detach(agent)
+    await core.registry.detach(agent)
     await trio.sleep(GRACE_S / 3)
     back = await core.connect("h0", behaviour="hang", known=frozenset({ch_id}))
     back.seqs = dict(agent.seqs)  # the same agent, its journal intact
@@ -354,7 +330,7 @@ async def test_a_run_lost_on_the_way_is_sent_again_on_reconnect(core: Core) -> N
     agent.send_run_nowait = lambda run: agent.runs.append(run.command_host_id)  # type: ignore[method-assign]
     task_id = await core.run(["h0"], "true")
     await eventually(lambda: bool(agent.runs))
-    core.registry.detach(agent)
+    await core.registry.detach(agent)
     back = await core.connect("h0", behaviour="succeed")
     await core.wait_task(task_id)
     assert back.runs == agent.runs
@@ -422,7 +398,7 @@ async def test_after_a_restart_in_flight_work_is_settled_and_queued_work_runs(
         await eventually(lambda: before.dispatcher.statistics().executions_in_flight == 2)
         await trio.sleep(0.1)  # both Started events durable
         for host in ("back", "never"):
-            before.registry.detach(before.registry.current(host))  # type: ignore[arg-type]
+            await before.registry.detach(before.registry.current(host))  # type: ignore[arg-type]
         spec = TaskSpec(
             name="q", commands=(CommandSpec(script="true", timeout_s=5),), target_hosts=("back",)
         )

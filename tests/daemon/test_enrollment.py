@@ -28,21 +28,17 @@ from daemon.agents.admission import SessionManager
 from daemon.agents.enrollment import Enrollment
 from daemon.agents.grpc_bridge import StreamEnd
 from daemon.agents.registry import HostRevoked, Registry
-from daemon.engine.dispatcher import Dispatcher
-from daemon.engine.executions import ExecutionFollower
 from daemon.engine.hosts import HostAdmin
-from daemon.engine.scheduler import Scheduler
 from daemon.engine.tasks import TaskService
 from daemon.errors import Conflict, InvalidRequest, NotFound
 from daemon.ops.audit import AuditLog
 from daemon.store import models
 from daemon.store.database import Database
-from daemon.store.live import LiveHub
 from daemon.store.models import AuditEvent, CommandHost, Host, Task
 from daemon.store.task_records import retry_request
-from daemon.store.writer import open_writer
 from daemon.taskspec import CommandSpec, TaskSpec
 from proto.dispatch import v1 as pb
+from tests.daemon.core_testing import open_acking_writer, open_engine
 
 TOKEN = "enrolment-token-0123456789"
 
@@ -141,29 +137,20 @@ async def open_daemon(
     models.bind(db)
     models.create_schema(db)
     database = Database(db, read_threads=4)
-    async with open_writer(database, LiveHub(buffer_events=100), max_output_bytes=1000,
-                           queue_items=1000, batch_events=500, batch_age_s=0.005,
-                           close_timeout_s=5) as writer:  # fmt: skip
-        registry = Registry()
-        follower = ExecutionFollower(
-            registry=registry, writer=writer, database=database, max_running_executions=10,
-            agent_grace_s=5, kill_grace_s=0.1, report_margin_s=5, max_output_bytes=1000,
-        )  # fmt: skip
-        dispatcher = Dispatcher(follower=follower, writer=writer, database=database)
-        scheduler = Scheduler(dispatcher, database, max_running_tasks=4)
-        tasks = TaskService(database=database, writer=writer, scheduler=scheduler,
-                            dispatcher=dispatcher, max_targets=100)  # fmt: skip
+    async with open_acking_writer(database) as writer, open_engine(
+        writer, database, max_running_executions=10, agent_grace_s=5, kill_grace_s=0.1,
+        report_margin_s=5,
+    ) as engine:  # fmt: skip
         manager = SessionManager(
-            registry=registry, writer=writer, database=database,
+            registry=engine.registry, writer=writer, database=database,
             authenticator=Enrollment(database, enrolment_token=token, auto_approve=auto_approve),
             hello_timeout_s=1, heartbeat_interval_s=0.2, heartbeat_ttl_s=5,
             daemon_version="test", audit=AuditLog(database),
         )  # fmt: skip
-        hosts = HostAdmin(database, registry=registry, follower=follower)
+        hosts = HostAdmin(database, fleet=engine.registry, dispatcher=engine.dispatcher)
         async with trio.open_nursery() as inner:
-            await inner.start(scheduler.serve)
             await inner.start(manager.serve_liveness)
-            yield Daemon(database, registry, manager, hosts, tasks, inner)
+            yield Daemon(database, engine.registry, manager, hosts, engine.tasks, inner)
             inner.cancel_scope.cancel()
     db.close_all()
 

@@ -27,9 +27,8 @@ from daemon.agents.registry import Registry
 from daemon.config import DaemonConfig, load_config
 from daemon.store import models
 from daemon.store.database import Database
-from daemon.store.live import LiveHub
-from daemon.store.writer import open_writer
 from proto.dispatch import v1 as pb
+from tests.daemon.core_testing import open_acking_writer
 
 TOKEN = "enrolment-token-0123456789"
 
@@ -115,9 +114,7 @@ async def serve_port(
 
 
 async def _writer(database: Database, *, task_status: Any) -> None:
-    async with open_writer(database, LiveHub(buffer_events=10), max_output_bytes=1000,
-                           queue_items=100, batch_events=100, batch_age_s=0.005,
-                           close_timeout_s=2) as writer:  # fmt: skip
+    async with open_acking_writer(database, close_timeout_s=2) as writer:
         task_status.started(writer)
         await trio.sleep_forever()
 

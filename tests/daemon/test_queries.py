@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from daemon.store import changes, queries, stats
+from daemon.api import catch_up
+from daemon.store import queries, stats
 from daemon.store.queries import ExecutionFilter, assemble_output, omitted_marker
 
 T0 = 1_700_000_000.0
@@ -165,11 +166,11 @@ def test_changes_since_pages_by_seq_across_tables(rows, peewee_db):
     rows.update_execution(a, status="running")  # 8
     rows.update_task(task_id, status="running")  # 9
     with peewee_db.connection_context():
-        assert changes.changes_since(999, 0, 10) is None
+        assert catch_up.changes_since(999, 0, 10) is None
         seen: list[tuple[str, int]] = []
         after = 0
         while True:
-            batch = changes.changes_since(task_id, after, 3)
+            batch = catch_up.changes_since(task_id, after, 3)
             seen += [(event.kind, event.seq) for event in batch.events]
             if batch.complete:
                 break
@@ -177,11 +178,11 @@ def test_changes_since_pages_by_seq_across_tables(rows, peewee_db):
         assert seen == [("output", s) for s in range(3, 8)] + [("execution", 8), ("task", 9)]
         assert batch.progress == {"total": 1, "finished": 0, "percent": 0.0,
                                   "by_status": {"running": 1}}  # fmt: skip
-        quiet = changes.changes_since(task_id, 9, 3, include_output=False)
+        quiet = catch_up.changes_since(task_id, 9, 3, include_output=False)
         assert quiet.events == [] and quiet.complete
-        no_output = changes.changes_since(task_id, 0, 100, include_output=False)
+        no_output = catch_up.changes_since(task_id, 0, 100, include_output=False)
         assert [e.kind for e in no_output.events] == ["execution", "task"]
-        snapshot = changes.task_snapshot(task_id)
+        snapshot = catch_up.task_snapshot(task_id)
         assert snapshot.seq == 9 and snapshot.task["status"] == "running"
 
 

@@ -19,12 +19,12 @@ from daemon.agents.grpc_bridge import StreamEnd
 from daemon.agents.registry import Registry
 from daemon.store import models
 from daemon.store.database import Database
-from daemon.store.live import LiveHub
 from daemon.store.models import CommandHost, Host, HostConnection
 from daemon.store.task_records import create_task
-from daemon.store.writer import Writer, open_writer
+from daemon.store.writer import Writer
 from daemon.taskspec import CommandSpec, TaskSpec
 from proto.dispatch import v1 as pb
+from tests.daemon.core_testing import open_acking_writer
 
 TOKEN = "session-token-0123456789"
 
@@ -68,9 +68,7 @@ async def port(
     models.bind(db)
     models.create_schema(db)
     database = Database(db, read_threads=2)
-    async with open_writer(database, LiveHub(buffer_events=10), max_output_bytes=1000,
-                           queue_items=100, batch_events=100, batch_age_s=0.005,
-                           close_timeout_s=5) as writer:  # fmt: skip
+    async with open_acking_writer(database, queue_items=100, batch_events=100) as writer:
         registry = Registry()
         manager = SessionManager(
             registry=registry, writer=writer, database=database,

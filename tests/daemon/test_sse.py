@@ -13,10 +13,10 @@ import pytest
 import trio
 
 from daemon.api.app import serve_http, services
+from daemon.api.live import LiveEvent, LiveHub
 from daemon.api.schemas import HttpLimits
 from daemon.api.sse import _Renderer
 from daemon.store import queries, views
-from daemon.store.live import LiveEvent, LiveHub
 
 TOKEN_HEADERS = {"Authorization": "Bearer test-token-0123456789"}
 

@@ -8,16 +8,17 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+import trio.testing
 
 from daemon.states import ExecStatus, Reason, TaskStatus
 from daemon.store import models
 from daemon.store.database import Database
-from daemon.store.live import LiveHub
 from daemon.store.models import CommandHost, OutputChunk, Task
 from daemon.store.task_records import create_task
 from daemon.store.writer import Writer, open_writer
 from daemon.taskspec import CommandSpec, TaskSpec
 from proto.dispatch import v1 as pb
+from tests.daemon.core_testing import open_acking_writer
 
 LIMIT = 1000  # max_output_bytes: 500 head + 500 tail per stream
 
@@ -46,10 +47,9 @@ async def database(db_url: str) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def writer(database: Database) -> AsyncIterator[Writer]:
-    async with open_writer(
-        database, LiveHub(buffer_events=100), max_output_bytes=LIMIT, queue_items=100,
-        batch_events=50, batch_age_s=0.01, close_timeout_s=5,
-    ) as w:  # fmt: skip
+    async with open_acking_writer(
+        database, max_output_bytes=LIMIT, queue_items=100, batch_events=50, batch_age_s=0.01,
+    ) as w:
         yield w
 
 
@@ -86,8 +86,10 @@ def finished(ch_id: int, seq: int, code: int = 0, stdout: int = 0) -> tuple[pb.E
 
 
 async def settle_writes(writer: Writer) -> None:
-    """Wait until everything queued so far is written (a task change is a barrier)."""
+    """Wait until everything queued so far is written (a task change is a barrier) and its
+    subscribers (the acknowledgements) have read it."""
     await writer.change_task(0, None, frozenset())
+    await trio.testing.wait_all_tasks_blocked()
 
 
 async def stored(database: Database, ch_id: int, stream: int = 1) -> list[tuple[int, bytes]]:
@@ -277,14 +279,21 @@ async def test_task_changes_are_conditional(database: Database, writer: Writer) 
     assert task.change_seq > 0
 
 
-async def test_listeners_hear_durable_transitions(database: Database, writer: Writer) -> None:
+async def test_subscribers_read_durable_transitions(database: Database, writer: Writer) -> None:
     ch = (await new_task(database))["h1"]
-    heard: list[tuple[int, ExecStatus, str | None]] = []
-    writer.add_listener(heard.extend)
+    commits = writer.feed.subscribe("test")
     await writer.mark_dispatched([ch])
     await writer.record_events("h1", RecordingSink(), [
         event(ch, 1, started=pb.Started(pid=1)), finished(ch, 2, code=3)])  # fmt: skip
     await settle_writes(writer)
+    heard: list[tuple[int, ExecStatus, str | None]] = []
+    while True:
+        try:
+            committed = commits.receive_nowait()
+        except trio.WouldBlock:
+            break
+        heard.extend(committed.transitions)
+        assert all(committed.executions[i].change_seq <= committed.last_seq for i, _, _ in heard)
     assert heard == [
         (ch, ExecStatus.DISPATCHED, None),
         (ch, ExecStatus.RUNNING, None),
@@ -322,12 +331,12 @@ async def test_restart_resumes_dedup_from_the_database(database: Database) -> No
         batch_age_s=0.01,
         close_timeout_s=5,
     )
-    async with open_writer(database, LiveHub(buffer_events=10), **settings) as first:
+    async with open_writer(database, **settings) as first:
         await first.mark_dispatched([ch])
         await first.record_events(
             "h1", sink, [event(ch, 1, started=pb.Started(pid=1)), out(ch, 2, 0, b"before ")]
         )
-    async with open_writer(database, LiveHub(buffer_events=10), **settings) as second:
+    async with open_writer(database, **settings) as second:
         await second.record_events(
             "h1",
             sink,

@@ -1,10 +1,11 @@
 """Live events for watchers of a task (the SSE stream and anything else that follows progress).
 
-The writer publishes an event after the change it describes is durable, so a watcher never sees
-something the database does not hold. Each event carries the change sequence number of what it
-describes (the SSE event id): a watcher that falls behind or reconnects reads the database from
-its last id and then follows live again (``Subscription.lagged``), so a slow watcher costs a
-bounded buffer, never unbounded memory and never a stalled writer.
+``LiveHub.serve`` reads the writer's committed values (``store.commits``) and turns what they
+changed in watched tasks into events, so a watcher never sees something the database does not
+hold; tasks nobody watches cost a set lookup per commit. Each event carries the change sequence
+number of what it describes (the SSE event id): a watcher that falls behind or reconnects reads
+the database from its last id and then follows live again (``Subscription.lagged``), so a slow
+watcher costs a bounded buffer, never unbounded memory and never a stalled writer.
 
 Kinds and their ``data``:
 - ``execution``: ``views.execution_view`` of a CommandHost that changed;
@@ -23,7 +24,14 @@ from typing import Any
 
 import trio
 
+from daemon.store import queries
+from daemon.store.commits import Committed
+from daemon.store.database import Database
+from daemon.store.views import execution_view, progress_view, task_event_view
+
 logger = logging.getLogger(__name__)
+
+_OUTPUT_STREAMS = {1: "stdout", 2: "stderr"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +113,48 @@ class LiveHub:
             if not subscribers:
                 del self._by_task[subscription.task_id]
 
+    async def serve(
+        self,
+        commits: trio.MemoryReceiveChannel[Committed],
+        database: Database,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Publish what each commit changed in watched tasks, then their progress (read after
+        the commit, so it is at least as new as the events before it)."""
+        task_status.started()
+        async with commits:
+            async for committed in commits:
+                if not self._by_task:
+                    continue
+                self._publish_commit(committed)
+                watched = sorted(committed.touched_tasks() & self._by_task.keys())
+                if watched:
+                    progress = await database.read(_progress_of, watched)
+                    for task_id, counts in progress.items():
+                        event = LiveEvent(
+                            committed.last_seq, task_id, "progress", progress_view(counts)
+                        )
+                        self.publish(event)
+
+    def _publish_commit(self, committed: Committed) -> None:
+        for ch_id in dict.fromkeys(ch_id for ch_id, _, _ in committed.transitions):
+            ex = committed.executions[ch_id]
+            if ex.task_id in self._by_task:
+                view = execution_view(ex.view_row())
+                self.publish(LiveEvent(ex.change_seq, ex.task_id, "execution", view))
+        for row in committed.output:
+            if row.task_id in self._by_task:
+                self.publish(LiveEvent(row.seq, row.task_id, "output", {
+                    "execution_id": str(row.execution_id),
+                    "host_id": committed.executions[row.execution_id].host_id,
+                    "stream": _OUTPUT_STREAMS[row.stream], "offset": row.offset, "data": row.data,
+                }))  # fmt: skip
+        for change in committed.tasks:
+            if change.task_id in self._by_task:
+                view = task_event_view(dict(change.row))
+                self.publish(LiveEvent(change.seq, change.task_id, "task", view))
+
     def statistics(self) -> LiveHubStatistics:
         return LiveHubStatistics(
             subscriptions=sum(len(s) for s in self._by_task.values()),
@@ -112,3 +162,7 @@ class LiveHub:
             published=self._published,
             lagged=self._lagged,
         )
+
+
+def _progress_of(task_ids: list[int]) -> dict[int, dict[str, int]]:
+    return {task_id: queries.progress_counts(task_id) for task_id in task_ids}

@@ -15,8 +15,8 @@ from typing import Any
 
 from peewee import fn
 
+from daemon.api.live import LiveEvent
 from daemon.store import models, views
-from daemon.store.live import LiveEvent
 from daemon.store.models import CommandHost, OutputChunk, Task
 from daemon.store.queries import EXECUTION_COLUMNS, progress_counts
 
