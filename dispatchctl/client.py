@@ -12,7 +12,6 @@ carried from one event to the next); ``events_from`` turns those into ``Event``s
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -199,11 +198,3 @@ def _reason(exc: httpx.HTTPError) -> str:
     text = str(exc) or type(exc).__name__
     inner = str(cause)
     return text if inner in text or cause is exc else f"{text} ({inner})"
-
-
-def backoff(attempt: int) -> float:
-    return min(0.2 * 2**attempt, 5.0)
-
-
-def sleep(seconds: float) -> None:
-    time.sleep(seconds)

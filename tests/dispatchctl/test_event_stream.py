@@ -1,16 +1,23 @@
 """dispatchctl's event stream without a daemon: what ``Client.events`` asks for and makes of the
-events httpx-sse parses (JSON objects, resumable ids, errors in words)."""
+events httpx-sse parses (JSON objects, resumable ids, errors in words), and how ``run`` follows a
+task across broken connections (resuming from the last id, waiting as ``common.retry.Backoff``
+says, giving up after ``--reconnect-s``). Time is a fake clock: nothing here sleeps."""
 
 from __future__ import annotations
 
+import io
+import random
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 
+from common.retry import Backoff
 from dispatchctl.client import ApiError, Client, Event, Unreachable
 from dispatchctl.config import CtlConfig
+from dispatchctl.render import Printer
+from dispatchctl.run import _follow, _Follower
 
 SSE = {"content-type": "text/event-stream; charset=utf-8"}
 STREAM = (
@@ -119,3 +126,112 @@ def test_what_is_not_our_event_stream_is_said_in_words(
     with pytest.raises(Unreachable) as error:
         events_of(client)
     assert str(error.value).startswith(message)
+
+
+# ------------------------------------------------------------------ following across breaks
+
+
+class Daemon:
+    """The task's event stream as a daemon would serve it: for each connection in turn, the
+    events it sends, then how it ends (an exception, or None when it closes the stream)."""
+
+    def __init__(self, *connections: tuple[list[Event], Exception | None]) -> None:
+        self._connections = list(connections)
+        self.resumed_from: list[int] = []  # Last-Event-ID of each connection
+
+    def events(
+        self, task_id: str, *, last_event_id: int, output: bool, read_timeout_s: float
+    ) -> Iterator[Event]:
+        assert task_id == "5"
+        if not self._connections:
+            raise AssertionError("dispatchctl connected again after it should have stopped")
+        self.resumed_from.append(last_event_id)
+        events, ending = self._connections.pop(0)
+        yield from events
+        if ending is not None:
+            raise ending
+
+
+class Clock:
+    """Fake time that moves only when dispatchctl sleeps; the sleeps are recorded."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def follow(daemon: Daemon, clock: Clock, *, seed: int, reconnect_s: float = 60.0) -> _Follower:
+    task = {"id": "5", "status": "running", "commands": [{}], "progress": {"total": 1}}
+    out = Printer(json_mode=False, raw=False, stdout=io.StringIO(), stderr=io.StringIO())
+    follower = _Follower(out, task, follow=False, bar=False, lookup=lambda _id: {})
+    _follow(
+        cast(Client, daemon),
+        "5",
+        follower,
+        output=False,
+        reconnect_s=reconnect_s,
+        backoff=Backoff(0.2, 5.0, rng=random.Random(seed)),
+        sleep=clock.sleep,
+        clock=lambda: clock.now,
+    )
+    return follower
+
+
+def test_follow_resumes_from_the_last_id_and_waits_start_over_after_events() -> None:
+    running = Event("task", 3, {"status": "running"})
+    execution = Event("execution", 4, {"id": "8", "host_id": "h", "command_index": 0,
+                                       "status": "running"})  # fmt: skip
+    daemon = Daemon(
+        ([], Unreachable("the event stream broke: connection refused")),
+        ([running, execution], Unreachable("the event stream broke: connection reset")),
+        ([], ApiError(503, "unavailable", "too many open event streams; try again later")),
+        ([], None),  # closed by the daemon before the end: the task goes on, so reconnect
+        ([Event("end", 6, {"status": "completed"})], None),
+    )
+    clock = Clock()
+    follower = follow(daemon, clock, seed=3)
+    assert follower.status == "completed"
+    assert daemon.resumed_from == [0, 0, 4, 4, 4]
+    expected = Backoff(0.2, 5.0, rng=random.Random(3))
+    waits = [expected.next_delay()]
+    expected.reset()  # events arrived on the second connection
+    waits += [expected.next_delay() for _ in range(3)]
+    assert clock.slept == waits
+
+
+def test_follow_gives_up_after_reconnect_s_and_says_why() -> None:
+    # error events are the daemon saying it cannot go on: they are no progress, so they
+    # neither start the waits over nor stop the clock
+    refusing = Event("error", None, {"error": {"code": "unavailable", "message": "too many"}})
+    daemon = Daemon(*[([refusing], None)] * 100)
+    clock = Clock()
+    with pytest.raises(Unreachable) as error:
+        follow(daemon, clock, seed=5, reconnect_s=3.0)
+    assert str(error.value) == (
+        "the event stream failed: too many; gave up after 3 s (task 5 goes on: dispatchctl task 5)"
+    )
+    expected = Backoff(0.2, 5.0, rng=random.Random(5))
+    assert clock.slept == [expected.next_delay() for _ in clock.slept]
+    assert sum(clock.slept[:-1]) <= 3.0 < sum(clock.slept)  # the last wait crossed the limit
+    assert len(daemon.resumed_from) == len(clock.slept) + 1
+
+
+def test_follow_stops_when_the_task_ended_even_without_its_end_event() -> None:
+    daemon = Daemon(
+        ([Event("task", 9, {"status": "cancelled"})], Unreachable("the event stream broke: x"))
+    )
+    clock = Clock()
+    assert follow(daemon, clock, seed=1).status == "cancelled"
+    assert (daemon.resumed_from, clock.slept) == ([0], [])
+
+
+def test_follow_leaves_other_api_errors_to_the_caller() -> None:
+    daemon = Daemon(([], ApiError(401, "unauthorized", "the API token is not valid")))
+    clock = Clock()
+    with pytest.raises(ApiError) as error:
+        follow(daemon, clock, seed=1)
+    assert (error.value.status, clock.slept) == (401, [])
