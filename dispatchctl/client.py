@@ -90,7 +90,12 @@ class Client:
     ) -> httpx.Response:
         try:
             response = self._http.request(
-                method, API + path, params=params, json=body, headers=headers
+                method,
+                API + path,
+                # a tuple: httpx's annotation takes a list only of its own wider pair type
+                params=tuple(params) if params is not None else None,
+                json=body,
+                headers=headers,
             )
         except httpx.TimeoutException:
             raise Unreachable(
@@ -191,10 +196,9 @@ def api_error(response: httpx.Response) -> ApiError:
 
 
 def _reason(exc: httpx.HTTPError) -> str:
-    cause: BaseException | None = exc
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__
-        assert cause is not None
+    cause: BaseException = exc
+    while (deeper := cause.__cause__ or cause.__context__) is not None:
+        cause = deeper
     text = str(exc) or type(exc).__name__
     inner = str(cause)
     return text if inner in text or cause is exc else f"{text} ({inner})"

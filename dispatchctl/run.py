@@ -188,11 +188,13 @@ def run(args: argparse.Namespace, client: Client, out: Printer, reconnect_s: flo
 
 def _create(client: Client, body: dict[str, Any]) -> dict[str, Any]:
     key = {"Idempotency-Key": f"dispatchctl-{uuid.uuid4()}"}
+    task: dict[str, Any]
     try:
-        return client.post("/tasks", body, headers=key)  # type: ignore[no-any-return]
+        task = client.post("/tasks", body, headers=key)
     except Unreachable:  # the answer may be what was lost: the same key gives the same task
         time.sleep(1.0)
-        return client.post("/tasks", body, headers=key)  # type: ignore[no-any-return]
+        task = client.post("/tasks", body, headers=key)
+    return task
 
 
 def _follow(
