@@ -37,6 +37,7 @@ from agent.session import Session, agent_message
 from agent.worker import Worker, WorkerStatistics, finish_interrupted
 from common import tls
 from common.link import Link
+from common.retry import Backoff
 from proto.dispatch import v1 as pb
 
 logger = logging.getLogger(__name__)
@@ -51,24 +52,6 @@ class AgentStatistics:
     sessions: int
     worker: WorkerStatistics
     journal: JournalStatistics
-
-
-class Backoff:
-    """Exponential backoff with full jitter: uniform(0, min(max, min * 2**attempt))."""
-
-    def __init__(self, min_s: float, max_s: float, rng: random.Random) -> None:
-        self._min_s = min_s
-        self._max_s = max_s
-        self._rng = rng
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self._max_s, self._min_s * 2 ** min(self.attempt, 62))
-        self.attempt += 1
-        return self._rng.uniform(0, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +120,7 @@ class Agent:
             CredentialFile(config.journal_dir), config.token, config.host_id
         )
         self._connect = connect or stream_opener(config, self.credentials.to_present)
-        self._backoff = Backoff(config.reconnect_min_s, config.reconnect_max_s, rng)
+        self._backoff = Backoff(config.reconnect_min_s, config.reconnect_max_s, rng=rng)
         self._sessions = 0
         self._connected = trio.Event()
         self._session: Session | None = None

@@ -215,10 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     out = Printer(json_mode=getattr(args, "json", False), raw=getattr(args, "raw", False))
     client = Client(settings, token)
+    handler: Callable[..., int] = args.handler
     try:
-        if args.handler is run:
+        if handler is run:  # the one command that needs a setting beyond the client's
             return run(args, client, out, settings.reconnect_s)
-        return int(args.handler(args, client, out))
+        return handler(args, client, out)
     except (ApiError, Unreachable) as exc:
         print(f"dispatchctl: {exc}", file=sys.stderr)
         return EXIT_API

@@ -2,18 +2,22 @@
 
 Every failure becomes one of two exceptions that say what happened in words: ``ApiError`` (the
 daemon answered with an error: its code, message and the field at fault) and ``Unreachable``
-(no answer: connection refused, TLS, timeout).
+(no answer: connection refused, TLS, timeout; or an event stream that broke or is not one).
+
+The event stream is read with httpx-sse, which splits ``text/event-stream`` into events the way
+the specification says (lines split across reads, CR/LF endings, comments, the last event id
+carried from one event to the next); ``events_from`` turns those into ``Event``s.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from httpx_sse import ServerSentEvent, SSEError, connect_sse
 
 from dispatchctl import __version__
 from dispatchctl.config import CtlConfig
@@ -41,15 +45,22 @@ class Unreachable(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    """One Server-Sent Event: its kind, its id (None when it has none) and its JSON data."""
+    """One event of a task's stream: its kind, the stream's last event id so far (what a
+    reconnection resumes from; None until the stream has given one) and its JSON object."""
 
     kind: str
     id: int | None
-    data: Any
+    data: dict[str, Any]
 
 
 class Client:
-    def __init__(self, config: CtlConfig, token: str | None) -> None:
+    def __init__(
+        self,
+        config: CtlConfig,
+        token: str | None,
+        *,
+        transport: httpx.BaseTransport | None = None,  # tests answer with httpx.MockTransport
+    ) -> None:
         headers = {"User-Agent": f"dispatchctl/{__version__}", "Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -60,6 +71,7 @@ class Client:
             headers=headers,
             timeout=config.request_timeout_s,
             verify=str(config.ca_file) if config.ca_file else True,
+            transport=transport,
         )
 
     def close(self) -> None:
@@ -78,7 +90,12 @@ class Client:
     ) -> httpx.Response:
         try:
             response = self._http.request(
-                method, API + path, params=params, json=body, headers=headers
+                method,
+                API + path,
+                # a tuple: httpx's annotation takes a list only of its own wider pair type
+                params=tuple(params) if params is not None else None,
+                json=body,
+                headers=headers,
             )
         except httpx.TimeoutException:
             raise Unreachable(
@@ -124,42 +141,44 @@ class Client:
         ``Unreachable`` when the connection breaks (the caller reconnects from the last id)."""
         timeout = httpx.Timeout(self._config.request_timeout_s, read=read_timeout_s)
         params = {"output": "true" if output else "false"}
-        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(last_event_id)}
+        headers = {"Last-Event-ID": str(last_event_id)}
         try:
-            with self._http.stream(
+            with connect_sse(
+                self._http,
                 "GET",
                 f"{API}/tasks/{task_id}/events",
                 params=params,
                 headers=headers,
                 timeout=timeout,
-            ) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise api_error(response)
-                yield from parse_events(response.iter_lines())
+            ) as source:
+                if source.response.status_code >= 400:
+                    source.response.read()
+                    raise api_error(source.response)
+                yield from events_from(source.iter_sse())
+        except SSEError as exc:  # answered, but with something else than an event stream
+            raise Unreachable(f"the event stream broke: not an event stream ({exc})") from None
         except httpx.HTTPError as exc:
             raise Unreachable(f"the event stream broke: {_reason(exc)}") from None
 
 
-def parse_events(lines: Iterator[str]) -> Iterator[Event]:
-    """``text/event-stream`` lines to events (comments and events without data are skipped)."""
-    kind, event_id, data = "message", None, []
-    for line in lines:
-        if not line:
-            if data:
-                yield Event(kind, event_id, json.loads("\n".join(data)))
-            kind, event_id, data = "message", None, []
+def events_from(stream: Iterable[ServerSentEvent]) -> Iterator[Event]:
+    """The stream's events with their JSON data; events without data (a lone ``id:`` or
+    ``retry:``) carry nothing to show and are skipped. Data that is not a JSON object means the
+    stream was mangled on the way: ``Unreachable``, so the caller resumes from the last good id."""
+    for sse in stream:
+        if not sse.data:
             continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            kind = value
-        elif name == "data":
-            data.append(value)
-        elif name == "id" and value.isdigit():
-            event_id = int(value)
+        try:
+            data = json.loads(sse.data)
+        except ValueError as exc:
+            raise Unreachable(
+                f"the event stream broke: a {sse.event!r} event is not JSON ({exc})"
+            ) from None
+        if not isinstance(data, dict):
+            raise Unreachable(f"the event stream broke: a {sse.event!r} event is not a JSON object")
+        # ids are the daemon's change numbers; anything else cannot be resumed from
+        event_id = int(sse.id) if sse.id.isascii() and sse.id.isdigit() else None
+        yield Event(sse.event, event_id, data)
 
 
 def api_error(response: httpx.Response) -> ApiError:
@@ -177,18 +196,9 @@ def api_error(response: httpx.Response) -> ApiError:
 
 
 def _reason(exc: httpx.HTTPError) -> str:
-    cause: BaseException | None = exc
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__
-        assert cause is not None
+    cause: BaseException = exc
+    while (deeper := cause.__cause__ or cause.__context__) is not None:
+        cause = deeper
     text = str(exc) or type(exc).__name__
     inner = str(cause)
     return text if inner in text or cause is exc else f"{text} ({inner})"
-
-
-def backoff(attempt: int) -> float:
-    return min(0.2 * 2**attempt, 5.0)
-
-
-def sleep(seconds: float) -> None:
-    time.sleep(seconds)

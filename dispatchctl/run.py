@@ -3,7 +3,9 @@
 The task is created with ``"start": true`` and an ``Idempotency-Key`` of this invocation, so a
 creation retried after a lost answer is the same task. Its event stream is read from the
 beginning (``Last-Event-ID: 0``: the daemon replays what happened before the stream opened) and
-resumed from the last event id after a break, for up to ``--reconnect-s``. The summary comes from
+resumed from the last event id after a break, for up to ``--reconnect-s``, waiting between
+attempts as ``common.retry.Backoff`` says (with jitter, so the clients of a restarted daemon do not
+all come back at once); an event received starts the waits over. The summary comes from
 ``/tasks/{id}`` (status), ``/tasks/{id}/executions`` (a row per host and command) and
 ``/tasks/{id}/stats`` (groups of identical results). The exit status is 0 only if every host
 succeeded (the task is ``completed``), else 1.
@@ -20,14 +22,18 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from common.retry import Backoff
 from dispatchctl import commands
-from dispatchctl.client import ApiError, Client, Event, Unreachable, backoff
+from dispatchctl.client import ApiError, Client, Event, Unreachable
 from dispatchctl.render import Printer, seconds, status_text
 
 EXIT_ALL_SUCCEEDED, EXIT_SOME_FAILED = 0, 1
 TERMINAL_TASK = frozenset({"completed", "failed", "cancelled"})
 SUMMARY_ROWS = 200  # above this many executions, the table lists only those that did not succeed
 _READ_TIMEOUT_S = 45.0  # the daemon sends a keepalive every 15 s on an idle stream
+# short first waits: a cut connection is usually back at once; at most 5 s, so a daemon that
+# restarted is found again soon after it listens
+_RECONNECT_FIRST_S, _RECONNECT_MAX_S = 0.2, 5.0
 
 
 def request_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,11 +188,13 @@ def run(args: argparse.Namespace, client: Client, out: Printer, reconnect_s: flo
 
 def _create(client: Client, body: dict[str, Any]) -> dict[str, Any]:
     key = {"Idempotency-Key": f"dispatchctl-{uuid.uuid4()}"}
+    task: dict[str, Any]
     try:
-        return client.post("/tasks", body, headers=key)  # type: ignore[no-any-return]
+        task = client.post("/tasks", body, headers=key)
     except Unreachable:  # the answer may be what was lost: the same key gives the same task
         time.sleep(1.0)
-        return client.post("/tasks", body, headers=key)  # type: ignore[no-any-return]
+        task = client.post("/tasks", body, headers=key)
+    return task
 
 
 def _follow(
@@ -196,10 +204,12 @@ def _follow(
     *,
     output: bool,
     reconnect_s: float,
+    backoff: Backoff | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
+    backoff = backoff or Backoff(_RECONNECT_FIRST_S, _RECONNECT_MAX_S)
     broken_since: float | None = None
-    attempt = 0
     while True:
         try:
             for event in client.events(
@@ -208,9 +218,11 @@ def _follow(
                 output=output,
                 read_timeout_s=_READ_TIMEOUT_S,
             ):
-                broken_since, attempt = None, 0
                 if event.kind == "error":
                     raise Unreachable(f"the event stream failed: {event.data['error']['message']}")
+                # progress: the next break gets all of --reconnect-s and the shortest waits again
+                broken_since = None
+                backoff.reset()
                 if follower.handle(event):
                     return
             reason = "the daemon closed the event stream"
@@ -222,15 +234,14 @@ def _follow(
             reason = str(exc)
         if follower.status in TERMINAL_TASK:
             return
-        now = time.monotonic()
-        broken_since = broken_since or now
+        now = clock()
+        broken_since = now if broken_since is None else broken_since
         if now - broken_since > reconnect_s:
             raise Unreachable(
                 f"{reason}; gave up after {reconnect_s:g} s (task {task_id} goes "
                 f"on: dispatchctl task {task_id})"
             )
-        sleep(backoff(attempt))
-        attempt += 1
+        sleep(backoff.next_delay())
 
 
 def summary(client: Client, out: Printer, task_id: str, *, one_line: bool = False) -> int:

@@ -17,7 +17,8 @@ import trio
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.connection import Backoff, open_agent
+from agent.connection import open_agent
+from common.retry import Backoff
 from proto.dispatch import v1 as pb
 from tests.agent.agent_testing import FakeDaemon, FakeRunner, run_message, wait_until
 
@@ -221,20 +222,34 @@ async def test_failed_connects_back_off(make_config: MakeConfig, fake_daemon: Fa
     assert 12 <= fake_daemon.connects <= 60
 
 
-def test_backoff_is_exponential_with_full_jitter() -> None:
-    class Highest(random.Random):
-        def uniform(self, a: float, b: float) -> float:
-            assert a == 0
-            return b
+async def test_reconnect_waits_follow_the_backoff_and_start_over_after_a_welcome(
+    make_config: MakeConfig, fake_daemon: FakeDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config()
+    refused = iter([True, True, True, False, True])  # three failures, a session, one more
 
-    backoff = Backoff(0.5, 30.0, Highest())
-    assert [backoff.next_delay() for _ in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
-    backoff.reset()
-    assert backoff.next_delay() == 0.5
-    jittered = Backoff(0.5, 30.0, random.Random(7))
-    delays = [jittered.next_delay() for _ in range(200)]
-    assert all(0 <= d <= 30 for d in delays)
-    assert len(set(delays)) == 200
+    def connect() -> Any:
+        fake_daemon.refuse = next(refused, False)
+        return fake_daemon.connect()
+
+    def waits() -> list[float]:  # the delays exactly as the agent computed them, not as logged
+        logged = [r.args for r in caplog.records if "trying again in" in str(r.msg)]
+        return [args[2] for args in logged if isinstance(args, tuple)]
+
+    with trio.fail_after(10):
+        async with open_agent(
+            config, runner=FakeRunner(), connect=connect, rng=random.Random(1)
+        ) as agent:
+            side = await fake_daemon.accept()
+            await side.welcome()
+            await agent.wait_connected()
+            await side.close()
+            await wait_until(lambda: len(waits()) >= 5)
+    backoff = Backoff(config.reconnect_min_s, config.reconnect_max_s, rng=random.Random(1))
+    expected = [backoff.next_delay() for _ in range(3)]
+    backoff.reset()  # the welcome: the next loss starts from the shortest wait again
+    expected += [backoff.next_delay() for _ in range(2)]
+    assert waits()[:5] == expected
 
 
 async def test_graceful_stop_kills_runs_and_delivers_their_end(

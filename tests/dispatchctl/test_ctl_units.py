@@ -1,5 +1,6 @@
-"""dispatchctl's parts that need no daemon: terminal-safe text, the event-stream parser, the
-settings' layers, the task it asks for, and the exit status of usage and configuration errors."""
+"""dispatchctl's parts that need no daemon: terminal-safe text, the settings' layers, the task it
+asks for, and the exit status of usage and configuration errors (the event stream has its own
+tests in test_event_stream.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import pytest
 from common.settings import SettingsError
 from dispatchctl import config
 from dispatchctl.__main__ import build_parser, main
-from dispatchctl.client import Event, parse_events
 from dispatchctl.commands import moment
 from dispatchctl.render import clean
 from dispatchctl.run import request_body
@@ -39,27 +39,6 @@ from tests.e2e.cluster import free_port
 )
 def test_clean_removes_escapes_and_shows_other_controls(raw: str, shown: str) -> None:
     assert clean(raw) == shown
-
-
-def test_event_stream_lines_become_events() -> None:
-    lines = [
-        ": keepalive",
-        "",
-        "id: 7",
-        "event: progress",
-        'data: {"a":',
-        "data: 1}",
-        "",
-        "event: end",
-        'data: {"status": "completed"}',
-        "",
-        "id: 9",
-        "",
-    ]
-    assert list(parse_events(iter(lines))) == [
-        Event("progress", 7, {"a": 1}),
-        Event("end", None, {"status": "completed"}),
-    ]
 
 
 def parsed(*argv: str) -> argparse.Namespace:
