@@ -61,7 +61,7 @@ def test_token_file_is_read_once(tmp_path: Path) -> None:
         (["--server", "no-port"], "--server", "expected HOST:PORT, got 'no-port'"),
         (["--server", "h:70000"], "--server", "expected HOST:PORT"),
         (["--server", "h:1", "--max-parallel", "0"], "--max-parallel", "between 1 and 10000"),
-        (["--server", "h:1", "--max-parallel", "two"], "--max-parallel", "invalid literal"),
+        (["--server", "h:1", "--max-parallel", "two"], "--max-parallel", "valid integer"),
         (["--server", "h:1", "--label", "novalue"], "--label", "expected KEY=VALUE"),
         (["--server", "h:1", "--output-flush-s", "0"], "--output-flush-s", "must be positive"),
         (["--server", "h:1", "--token", "a", "--token-file", "f"], "--token", "not both"),
