@@ -1,4 +1,4 @@
-"""The agent's settings: one frozen dataclass, loaded once in ``__main__``.
+"""The agent's settings: one frozen settings model, loaded once in ``__main__``.
 
 Flags, ``DISPATCH_AGENT_*`` environment variables and ``--config`` TOML keys all derive from the
 fields (``common.settings``). Nothing below ``__main__`` reads the environment or the token file.
@@ -6,13 +6,23 @@ fields (``common.settings``). Nothing below ``__main__`` reads the environment o
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
-from common.settings import SettingsError, check, load_settings, setting
+from pydantic import field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from common.settings import (
+    KeyValues,
+    Settings,
+    SettingsError,
+    UserPath,
+    check,
+    load_settings,
+    setting,
+)
 from common.tls import client_context
 
 ENV_PREFIX = "DISPATCH_AGENT_"
@@ -22,13 +32,14 @@ MIB = 1024 * KIB
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-@dataclass(frozen=True)
-class AgentConfig:
+class AgentConfig(Settings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
+
     server: str = setting(help="dispatchd's agent endpoint", metavar="HOST:PORT")
     token: str | None = setting(
         None, help="credential sent as a bearer token", metavar="TOKEN", secret=True
     )
-    token_file: Path | None = setting(
+    token_file: UserPath | None = setting(
         None, help="file holding the credential (instead of --token)", metavar="FILE"
     )
     host_id: str = setting(
@@ -36,81 +47,121 @@ class AgentConfig:
         help="this host's id (default: the machine's hostname)",
         metavar="ID",
     )
-    labels: dict[str, str] = setting(
+    labels: KeyValues = setting(
         default_factory=dict,
         flag="--label",
         metavar="KEY=VALUE",
         help="label reported to the daemon (repeatable)",
     )
-    state_dir: Path | None = setting(
+    state_dir: UserPath | None = setting(
         None,
         help="directory of the journal (default: ~/.local/state/dispatch-agent/<host-id>)",
         metavar="DIR",
     )
-    max_parallel: int = setting(8, help="commands run at the same time", metavar="N")
-    tls_ca: Path | None = setting(
+    max_parallel: int = setting(
+        8, ge=1, le=10_000, help="commands run at the same time", metavar="N"
+    )
+    tls_ca: UserPath | None = setting(
         None,
         help="PEM CA certificates that verify the daemon (default: the system's CAs)",
         metavar="FILE",
     )
-    tls_cert: Path | None = setting(
+    tls_cert: UserPath | None = setting(
         None, help="PEM client certificate, for a daemon that requires mutual TLS", metavar="FILE"
     )
-    tls_key: Path | None = setting(None, help="PEM private key of --tls-cert", metavar="FILE")
+    tls_key: UserPath | None = setting(None, help="PEM private key of --tls-cert", metavar="FILE")
     plaintext: bool = setting(
         False, help="connect without TLS (only to a daemon started with --plaintext)"
     )
 
-    reconnect_min_s: float = setting(0.5, help="first reconnect backoff step")
+    reconnect_min_s: float = setting(0.5, gt=0, help="first reconnect backoff step")
     reconnect_max_s: float = setting(30.0, help="longest reconnect backoff")
-    connect_timeout_s: float = setting(10.0, help="TCP connect and handshake limit")
+    connect_timeout_s: float = setting(10.0, gt=0, help="TCP connect and handshake limit")
     heartbeat_interval_s: float = setting(
-        10.0, help="heartbeat period used when the daemon's Welcome gives none"
+        10.0, gt=0, help="heartbeat period used when the daemon's Welcome gives none"
     )
     heartbeat_ttl_s: float = setting(
-        30.0, help="silence before the stream is dropped, when the Welcome gives none"
+        30.0, gt=0, help="silence before the stream is dropped, when the Welcome gives none"
     )
-    max_message_bytes: int = setting(4 * MIB, help="largest gRPC message accepted")
-    event_batch_max_events: int = setting(256, help="events coalesced into one message")
+    max_message_bytes: int = setting(4 * MIB, ge=64 * KIB, help="largest gRPC message accepted")
+    event_batch_max_events: int = setting(256, gt=0, help="events coalesced into one message")
     event_batch_max_bytes: int = setting(1 * MIB, help="bytes of events in one message")
 
-    output_chunk_bytes: int = setting(64 * KIB, help="output is sent in chunks up to this size")
-    output_flush_s: float = setting(0.05, help="a partial output chunk is sent after this age")
-    output_limit_bytes: int = setting(
-        1 * MIB, help="per-stream output limit when a run does not set one"
+    output_chunk_bytes: int = setting(
+        64 * KIB, gt=0, help="output is sent in chunks up to this size"
     )
-    kill_grace_s: float = setting(5.0, help="SIGTERM to SIGKILL delay when a run does not set one")
+    output_flush_s: float = setting(
+        0.05, gt=0, help="a partial output chunk is sent after this age"
+    )
+    output_limit_bytes: int = setting(
+        1 * MIB, ge=2, help="per-stream output limit when a run does not set one"
+    )
+    kill_grace_s: float = setting(
+        5.0, ge=0, help="SIGTERM to SIGKILL delay when a run does not set one"
+    )
     cgroups: bool = setting(
         True,
         help="run each command in its own cgroup v2 (killed with cgroup.kill) where the machine "
         "allows it; --no-cgroups: process groups only",
     )
-    cgroup_root: Path | None = setting(
+    cgroup_root: UserPath | None = setting(
         None,
         help="cgroup v2 directory under which the agent makes its command cgroups (default: the "
         "agent's own cgroup)",
         metavar="DIR",
     )
     pipe_drain_s: float = setting(
-        2.0, help="how long output is still read after the main process exited"
+        2.0, gt=0, help="how long output is still read after the main process exited"
     )
     shutdown_delivery_s: float = setting(
-        3.0, help="on SIGTERM, how long to try delivering the last events"
+        3.0, ge=0, help="on SIGTERM, how long to try delivering the last events"
     )
 
     journal_fsync: bool = setting(
         True, help="fsync the journal for claims and Finished events (off only for benchmarks)"
     )
     journal_compact_bytes: int = setting(
-        16 * MIB, help="journal size from which a mostly acknowledged journal is rewritten"
+        16 * MIB, ge=0, help="journal size from which a mostly acknowledged journal is rewritten"
     )
-    remembered_ids: int = setting(100_000, help="started CommandHost ids remembered")
+    remembered_ids: int = setting(100_000, ge=1_000, help="started CommandHost ids remembered")
 
     log_level: str = setting("info", help="debug, info, warning or error")
     log_json: bool = setting(False, help="log JSON lines instead of text")
 
-    def __post_init__(self) -> None:
-        check(_valid_server(self.server), "--server", f"expected HOST:PORT, got {self.server!r}")
+    @field_validator("server")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        try:
+            split_server(value)
+        except ValueError:
+            raise ValueError(f"expected HOST:PORT, got {value!r}") from None
+        return value
+
+    @field_validator("host_id")
+    @classmethod
+    def _host_id(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        if "/" in value:
+            raise ValueError("must not contain '/'")
+        return value
+
+    @field_validator("cgroup_root")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.lower() not in _LOG_LEVELS:
+            raise ValueError(f"one of {_LOG_LEVELS}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
         check(
             self.token is None or self.token_file is None,
             "--token",
@@ -126,40 +177,16 @@ class AgentConfig:
             "--plaintext",
             "give --plaintext or the --tls-* options, not both",
         )
-        check(bool(self.host_id.strip()), "--host-id", "must not be empty")
-        check("/" not in self.host_id, "--host-id", "must not contain '/'")
-        check(1 <= self.max_parallel <= 10_000, "--max-parallel", "must be between 1 and 10000")
-        check(
-            self.cgroup_root is None or self.cgroup_root.is_absolute(),
-            "--cgroup-root",
-            "must be an absolute path",
-        )
-        check(self.reconnect_min_s > 0, "--reconnect-min-s", "must be positive")
         check(
             self.reconnect_max_s >= self.reconnect_min_s,
             "--reconnect-max-s",
             "must be at least --reconnect-min-s",
         )
-        for option, value in (
-            ("--connect-timeout-s", self.connect_timeout_s),
-            ("--heartbeat-interval-s", self.heartbeat_interval_s),
-            ("--heartbeat-ttl-s", self.heartbeat_ttl_s),
-            ("--output-flush-s", self.output_flush_s),
-            ("--pipe-drain-s", self.pipe_drain_s),
-        ):
-            check(value > 0, option, "must be positive")
-        for option, value in (
-            ("--kill-grace-s", self.kill_grace_s),
-            ("--shutdown-delivery-s", self.shutdown_delivery_s),
-        ):
-            check(value >= 0, option, "must not be negative")
         check(
             self.heartbeat_ttl_s > self.heartbeat_interval_s,
             "--heartbeat-ttl-s",
             "must be longer than --heartbeat-interval-s",
         )
-        check(self.max_message_bytes >= 64 * KIB, "--max-message-bytes", "must be >= 64 KiB")
-        check(self.output_chunk_bytes >= 1, "--output-chunk-bytes", "must be positive")
         # An output chunk plus the event and batch framing has to fit in one message.
         check(
             self.output_chunk_bytes + 4 * KIB <= self.event_batch_max_bytes,
@@ -171,11 +198,7 @@ class AgentConfig:
             "--event-batch-max-bytes",
             "must be at least 4 KiB under --max-message-bytes",
         )
-        check(self.event_batch_max_events >= 1, "--event-batch-max-events", "must be positive")
-        check(self.output_limit_bytes >= 2, "--output-limit-bytes", "must be at least 2")
-        check(self.journal_compact_bytes >= 0, "--journal-compact-bytes", "must not be negative")
-        check(self.remembered_ids >= 1_000, "--remembered-ids", "must be at least 1000")
-        check(self.log_level.lower() in _LOG_LEVELS, "--log-level", f"one of {_LOG_LEVELS}")
+        return self
 
     @property
     def journal_dir(self) -> Path:
@@ -193,7 +216,6 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Agent
         environ,
         prog="dispatch-agent",
         description="Run the commands dispatchd sends to this host and report their results.",
-        env_prefix=ENV_PREFIX,
     )
     if not config.plaintext:  # unreadable TLS files stop start-up here, with the option named
         client_context(config.tls_ca, config.tls_cert, config.tls_key)
@@ -204,7 +226,7 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Agent
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError("--token-file", f"cannot read {config.token_file}: {exc}") from None
     check(bool(token), "--token-file", f"{config.token_file} is empty")
-    return dataclasses.replace(config, token=token, token_file=None)
+    return config.model_copy(update={"token": token, "token_file": None})
 
 
 def split_server(server: str) -> tuple[str, int]:
@@ -218,11 +240,3 @@ def split_server(server: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port
-
-
-def _valid_server(server: str) -> bool:
-    try:
-        split_server(server)
-    except ValueError:
-        return False
-    return True

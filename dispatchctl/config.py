@@ -10,20 +10,22 @@ command (``dispatchctl --url U tasks`` and ``dispatchctl tasks --url U``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import stat
 import sys
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+from pydantic import field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from common.settings import (
+    Settings,
     SettingsError,
+    UserPath,
     check,
-    env_name,
-    flag_name,
+    options,
     setting,
     settings_from_layers,
 )
@@ -32,42 +34,57 @@ ENV_PREFIX = "DISPATCH_"
 CONFIG_ENV = "DISPATCHCTL_CONFIG"
 
 
-@dataclasses.dataclass(frozen=True)
-class CtlConfig:
+class CtlConfig(Settings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
+
     url: str = setting(
         "http://127.0.0.1:8080",
         help="dispatchd's HTTP address (the API is under /api/v1)",
         metavar="URL",
     )
     token: str | None = setting(None, help="API token (bearer)", metavar="TOKEN", secret=True)
-    token_file: Path | None = setting(
+    token_file: UserPath | None = setting(
         None, help="file holding the API token (instead of --token)", metavar="FILE"
     )
-    ca_file: Path | None = setting(
+    ca_file: UserPath | None = setting(
         None,
         help="PEM CA certificates that verify an https:// URL (default: the system's CAs)",
         metavar="FILE",
     )
-    request_timeout_s: float = setting(30.0, help="how long one API request may take", metavar="S")
+    request_timeout_s: float = setting(
+        30.0, gt=0, help="how long one API request may take", metavar="S"
+    )
     reconnect_s: float = setting(
         60.0,
+        ge=0,
         help="how long `run` keeps trying to get the task's event stream back after it broke",
         metavar="S",
     )
 
-    def __post_init__(self) -> None:
-        check(
-            self.url.startswith(("http://", "https://")),
-            "--url",
-            "must start with http:// or https://",
-        )
-        check(self.request_timeout_s > 0, "--request-timeout-s", "must be greater than 0")
-        check(self.reconnect_s >= 0, "--reconnect-s", "must not be negative")
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _one_token(self) -> Self:
         check(
             self.token is None or self.token_file is None,
             "--token",
             "give --token or --token-file, not both",
         )
+        return self
+
+    @classmethod
+    def config_file_read(cls, path: Path, data: Mapping[str, Any], mode: int) -> None:
+        if "token" in data and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            print(
+                f"dispatchctl: warning: {path} holds a token and other users may read it "
+                f"(mode {mode:o}); chmod 600 it",
+                file=sys.stderr,
+            )
 
     def resolved_token(self) -> str | None:
         if self.token_file is None:
@@ -88,16 +105,16 @@ def add_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser leaves an option it was not given unset (``SUPPRESS``), so a command's parser never
     overwrites what the top level parsed."""
     group = parser.add_argument_group("connection") if top else parser
-    for field in dataclasses.fields(CtlConfig):
-        text = field.metadata["help"]
-        if field.default is not None:
-            text += f" (default: {field.default})"
-        text += f"; environment {env_name(ENV_PREFIX, field)}"
+    for option in options(CtlConfig):
+        text = option.help
+        if option.default() is not None:
+            text += f" (default: {option.default()})"
+        text += f"; environment {option.env}"
         group.add_argument(
-            flag_name(field),
-            dest=field.name,
+            option.flag,
+            dest=option.name,
             default=argparse.SUPPRESS,
-            metavar=field.metadata.get("metavar") or field.name.upper(),
+            metavar=option.metavar or option.name.upper(),
             help=text if top else argparse.SUPPRESS,
         )
     group.add_argument(
@@ -121,33 +138,15 @@ def default_config_path(environ: Mapping[str, str]) -> Path:
 def load(args: argparse.Namespace, environ: Mapping[str, str]) -> CtlConfig:
     """The settings from the parsed command line, the environment and the config file."""
     explicit = getattr(args, "config", None) or environ.get(CONFIG_ENV)
-    path = Path(explicit) if explicit else default_config_path(environ)
-    toml: dict[str, Any] = {}
-    if explicit or path.exists():
-        toml = _read_toml(path)
     flags = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(CtlConfig)
-        if getattr(args, f.name, None) is not None
+        option.name: getattr(args, option.name)
+        for option in options(CtlConfig)
+        if getattr(args, option.name, None) is not None
     }
     return settings_from_layers(
-        CtlConfig, toml=toml, environ=environ, flags=flags, env_prefix=ENV_PREFIX
+        CtlConfig,
+        flags=flags,
+        environ=environ,
+        toml_file=Path(explicit) if explicit else default_config_path(environ),
+        toml_required=bool(explicit),
     )
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as file:
-            data = tomllib.load(file)
-            mode = os.fstat(file.fileno()).st_mode
-    except OSError as exc:
-        raise SettingsError("--config", f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError("--config", f"{path} is not valid TOML: {exc}") from None
-    if "token" in data and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        print(
-            f"dispatchctl: warning: {path} holds a token and other users may read it "
-            f"(mode {stat.S_IMODE(mode):o}); chmod 600 it",
-            file=sys.stderr,
-        )
-    return data

@@ -1,5 +1,5 @@
 """The configuration reference of dispatchd, dispatch-agent and dispatchctl, from the settings
-dataclasses themselves: the README's tables (``reference()``) and ``docs/configuration.md``
+classes themselves: the README's tables (``reference()``) and ``docs/configuration.md``
 (``configuration_md()``: every option with its TOML key, environment variable, default and unit,
 and a sample TOML file per program). ``scripts/update_docs.py`` writes both; ``tests/test_docs.py``
 checks they match the code.
@@ -10,27 +10,22 @@ checks they match the code.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.config import ENV_PREFIX as AGENT_PREFIX  # noqa: E402
 from agent.config import AgentConfig  # noqa: E402
-from common.settings import env_name, flag_name  # noqa: E402
-from daemon.config import ENV_PREFIX as DAEMON_PREFIX  # noqa: E402
+from common.settings import Option, Settings, options  # noqa: E402
 from daemon.config import DaemonConfig  # noqa: E402
-from dispatchctl.config import ENV_PREFIX as CTL_PREFIX  # noqa: E402
 from dispatchctl.config import CtlConfig  # noqa: E402
 
-# (title, settings class, environment prefix, where its TOML file usually is)
-PROGRAMS = (
-    ("dispatchd", DaemonConfig, DAEMON_PREFIX, "/etc/dispatch/dispatchd.toml"),
-    ("dispatch-agent", AgentConfig, AGENT_PREFIX, "/etc/dispatch/dispatch-agent.toml"),
-    ("dispatchctl", CtlConfig, CTL_PREFIX, "~/.config/dispatchctl.toml"),
+# (title, settings class, where its TOML file usually is)
+PROGRAMS: tuple[tuple[str, type[Settings], str], ...] = (
+    ("dispatchd", DaemonConfig, "/etc/dispatch/dispatchd.toml"),
+    ("dispatch-agent", AgentConfig, "/etc/dispatch/dispatch-agent.toml"),
+    ("dispatchctl", CtlConfig, "~/.config/dispatchctl.toml"),
 )
 
 # Units, by the end of an option's name (units are in the names: DESIGN.md §6.8) ...
@@ -61,63 +56,65 @@ COUNT_UNITS = {
 }
 
 
-def default_of(field: dataclasses.Field[Any]) -> Any:
-    """The default, ``None`` when there is none, or ``dataclasses.MISSING`` when required."""
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        made = field.default_factory()
+REQUIRED = object()
+
+
+def default_of(option: Option) -> Any:
+    """The default, ``None`` when there is none, or ``REQUIRED``."""
+    if option.required:
+        return REQUIRED
+    if option.field.default_factory is not None:
+        made = option.default()
         return made if isinstance(made, dict | list | tuple) else "(see meaning)"
-    return dataclasses.MISSING
+    return option.default()
 
 
-def unit_of(cls: type, field: dataclasses.Field[Any]) -> str:
-    kind = typing.get_type_hints(cls)[field.name]
-    if kind not in (int, float):
+def unit_of(option: Option) -> str:
+    if option.field.annotation not in (int, float):
         return "-"
     for suffix, unit in SUFFIX_UNITS:
-        if field.name.endswith(suffix):
+        if option.name.endswith(suffix):
             return unit
-    return COUNT_UNITS.get(field.name, "?")
+    return COUNT_UNITS.get(option.name, "?")
 
 
 def _shown_default(default: Any) -> str:
-    if default is dataclasses.MISSING:
+    if default is REQUIRED:
         return "required"
     if default is None or default == {}:
         return "-"
     if isinstance(default, bool):
         return f"`{str(default).lower()}`"
     if default == "(see meaning)":
-        return default
+        return "(see meaning)"
     return f"`{default}`"
 
 
-def table(cls: type, prefix: str) -> str:
+def table(cls: type[Settings]) -> str:
     """The README's table: flag, environment, default, meaning."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
-    for field in dataclasses.fields(cls):
-        shown = _shown_default(default_of(field))
-        meaning = field.metadata.get("help", "").replace("|", "\\|")
-        rows.append(f"| `{flag_name(field)}` | `{env_name(prefix, field)}` | {shown} | {meaning} |")
+    for option in options(cls):
+        shown = _shown_default(default_of(option))
+        meaning = option.help.replace("|", "\\|")
+        rows.append(f"| `{option.flag}` | `{option.env}` | {shown} | {meaning} |")
     return "\n".join(rows)
 
 
 def reference() -> str:
-    return "\n".join(f"### {title}\n\n{table(cls, prefix)}\n" for title, cls, prefix, _ in PROGRAMS)
+    return "\n".join(f"### {title}\n\n{table(cls)}\n" for title, cls, _ in PROGRAMS)
 
 
-def full_table(cls: type, prefix: str) -> str:
+def full_table(cls: type[Settings]) -> str:
     rows = [
         "| option | TOML key | environment | default | unit | meaning |",
         "|---|---|---|---|---|---|",
     ]
-    for field in dataclasses.fields(cls):
-        shown = _shown_default(default_of(field))
-        meaning = field.metadata.get("help", "").replace("|", "\\|")
+    for option in options(cls):
+        shown = _shown_default(default_of(option))
+        meaning = option.help.replace("|", "\\|")
         rows.append(
-            f"| `{flag_name(field)}` | `{field.name}` | `{env_name(prefix, field)}` | {shown} "
-            f"| {unit_of(cls, field)} | {meaning} |"
+            f"| `{option.flag}` | `{option.name}` | `{option.env}` | {shown} "
+            f"| {unit_of(option)} | {meaning} |"
         )
     return "\n".join(rows)
 
@@ -132,14 +129,13 @@ def _toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def sample_toml(cls: type) -> str:
+def sample_toml(cls: type[Settings]) -> str:
     """Every option, commented out, at its default (or a placeholder when it has none)."""
     lines = []
-    for field in dataclasses.fields(cls):
-        help_text = field.metadata.get("help", "")
-        default = default_of(field)
-        placeholder = '"' + (field.metadata.get("metavar") or "VALUE") + '"'
-        if default is dataclasses.MISSING:
+    for option in options(cls):
+        default = default_of(option)
+        placeholder = '"' + (option.metavar or "VALUE") + '"'
+        if default is REQUIRED:
             value, note = placeholder, "  (required)"
         elif default is None or default == "(see meaning)":
             value, note = placeholder, "  (unset)"
@@ -147,8 +143,8 @@ def sample_toml(cls: type) -> str:
             value, note = '{ role = "web" }', "  (none by default)"
         else:
             value, note = _toml_value(default), ""
-        lines.append(f"# {help_text}{note}")
-        lines.append(f"# {field.name} = {value}")
+        lines.append(f"# {option.help}{note}")
+        lines.append(f"# {option.name} = {value}")
     return "\n".join(lines)
 
 
@@ -174,12 +170,12 @@ def configuration_md() -> str:
         "Samples for a service are in `packaging/etc/` (installed as `/etc/dispatch/*.toml`, "
         "see the README's *Running it as a service*).",
     ]
-    for title, cls, prefix, where in PROGRAMS:
+    for title, cls, where in PROGRAMS:
         parts += [
             "",
             f"## {title}",
             "",
-            full_table(cls, prefix),
+            full_table(cls),
             "",
             f"Every option at its default, as a TOML file (`{where}`):",
             "",

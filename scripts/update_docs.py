@@ -1,5 +1,5 @@
 """Rewrite the generated configuration reference: the tables in README.md and the whole of
-docs/configuration.md, from the settings dataclasses.
+docs/configuration.md, from the settings classes.
 
     .venv/bin/python scripts/update_docs.py
 """

@@ -3,7 +3,6 @@ settings and must not drift."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import tomllib
 from pathlib import Path
@@ -14,7 +13,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from config_reference import PROGRAMS, configuration_md, sample_toml, unit_of  # noqa: E402
 from update_docs import CONFIGURATION, README, updated  # noqa: E402
 
-from common.settings import settings_from_layers  # noqa: E402
+from common.settings import options, settings_from_layers  # noqa: E402
 
 
 def test_readme_configuration_reference_matches_the_settings() -> None:
@@ -37,32 +36,31 @@ def test_configuration_md_matches_the_settings() -> None:
 
 def test_every_number_has_a_unit() -> None:
     unitless = [
-        f"{title}: {field.name}"
-        for title, cls, _prefix, _where in PROGRAMS
-        for field in dataclasses.fields(cls)
-        if unit_of(cls, field) == "?"
+        f"{title}: {option.name}"
+        for title, cls, _where in PROGRAMS
+        for option in options(cls)
+        if unit_of(option) == "?"
     ]
     assert unitless == [], "name the unit in scripts/config_reference.py COUNT_UNITS"
 
 
-def test_the_sample_toml_files_parse_and_uncommented_give_the_defaults() -> None:
-    for _title, cls, prefix, _where in PROGRAMS:
+def test_the_sample_toml_files_parse_and_uncommented_give_the_defaults(tmp_path: Path) -> None:
+    for title, cls, _where in PROGRAMS:
+        prefix = cls.model_config.get("env_prefix", "")
+        environ = {prefix + "SERVER": "127.0.0.1:7443"}
         text = sample_toml(cls)
         assert tomllib.loads(text) == {}  # everything commented out
-        options = [
+        lines = [
             line.removeprefix("# ")
             for line in text.splitlines()
             if line.startswith("# ") and " = " in line.split("#")[1]
         ]
-        values = tomllib.loads("\n".join(options))
-        assert set(values) == {f.name for f in dataclasses.fields(cls)}
-        defaults = settings_from_layers(
-            cls, toml={}, environ={prefix + "SERVER": "127.0.0.1:7443"}, flags={}, env_prefix=prefix
-        )
-        given = {k: v for k, v in values.items() if k != "server" and getattr(defaults, k)
-                 is not None and k not in ("host_id", "labels")}  # fmt: skip
-        loaded = settings_from_layers(
-            cls, toml=given, environ={prefix + "SERVER": "127.0.0.1:7443"}, flags={},
-            env_prefix=prefix,
-        )  # fmt: skip
+        values = tomllib.loads("\n".join(lines))
+        assert set(values) == {option.name for option in options(cls)}
+        defaults = settings_from_layers(cls, flags={}, environ=environ, toml_file=None)
+        given = [line for line in lines if not line.startswith(("server ", "host_id ", "labels "))
+                 and getattr(defaults, line.split(" = ")[0]) is not None]  # fmt: skip
+        path = tmp_path / f"{title}.toml"
+        path.write_text("\n".join(given))
+        loaded = settings_from_layers(cls, flags={}, environ=environ, toml_file=path)
         assert loaded == defaults

@@ -82,7 +82,12 @@ def test_a_token_in_a_file_others_may_read_is_warned_about(
     [
         ("colour = true\n", (), "colour: unknown setting in the config file"),
         ("", ("--url", "ftp://x"), "--url: must start with http:// or https://"),
-        ("", ("--request-timeout-s", "soon"), "--request-timeout-s: could not convert"),
+        (
+            "",
+            ("--request-timeout-s", "soon"),
+            "--request-timeout-s: input should be a valid number, unable to parse string as a "
+            "number (got 'soon' from flag --request-timeout-s)",
+        ),
         ("url = [", (), "is not valid TOML"),
         ("", ("--token-file", "/nonexistent/t"), "--token-file: cannot read /nonexistent/t"),
     ],
