@@ -11,6 +11,9 @@ grpclib is asyncio-only; it runs inside the trio program through trio-asyncio. R
 - h2 logs every frame it receives with ``repr(frame)`` built whether or not anyone logs, and a
   DATA frame's repr hex-encoded the whole payload to keep 20 characters of it: 6% of the daemon's
   time while ingesting output. ``_cheap_data_repr`` gives the same text from the first bytes.
+
+The private grpclib and hyperframe internals used here are pinned (upper bounds in
+``pyproject.toml``) and checked by name in ``tests/test_pinned_internals.py``.
 """
 
 from __future__ import annotations
