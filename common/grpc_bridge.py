@@ -187,10 +187,7 @@ class StreamLink:
             while True:
                 message = await self._outbox.get()
                 try:
-                    if message is _END:
-                        await self._stream.end()
-                    else:
-                        await self._stream.send_message(message)
+                    await self._stream.send_message(message)
                 finally:
                     self._outbox.task_done()
         except asyncio.CancelledError:
@@ -204,13 +201,6 @@ class StreamLink:
     # ------------------------------------------------------------------ trio side
 
     async def send(self, message: Any) -> None:
-        await self._put(message)
-
-    async def send_end(self) -> None:
-        """Half-close: tell the peer no more messages follow (client side)."""
-        await self._put(_END)
-
-    async def _put(self, message: Any) -> None:
         if self._closed:
             raise trio.ClosedResourceError("link closed")
         _raise(self._write_failure)
@@ -232,9 +222,6 @@ class StreamLink:
 
     async def aclose(self) -> None:
         self._closed = True
-
-
-_END = object()  # in the outbox: half-close the stream
 
 
 def _raise(failure: trio.BrokenResourceError | None) -> None:
