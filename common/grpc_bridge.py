@@ -1,4 +1,4 @@
-"""The trio <-> asyncio seam both programs share (with ``daemon/grpc_bridge.py`` and
+"""The trio <-> asyncio seam both programs share (with ``daemon/agents/grpc_bridge.py`` and
 ``agent/grpc_bridge.py``, the only modules that import asyncio, grpclib or trio_asyncio).
 
 grpclib is asyncio-only; it runs inside the trio program through trio-asyncio. Rules kept here:

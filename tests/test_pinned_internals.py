@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import re
 import socket
 import tomllib
 from collections.abc import Callable
@@ -266,25 +267,25 @@ SEAMS = [
          "common/grpc_bridge.py (_install_size_guard replaces it to note when bytes arrive)",
          _buffer_add),
     Seam("grpclib", "grpclib.server.Server._server.sockets",
-         "daemon/grpc_bridge.py (serve_grpc reports the bound address); "
+         "daemon/agents/grpc_bridge.py (serve_grpc reports the bound address); "
          "tests/agent/agent_testing.py", _server_sockets),
     Seam("grpclib", "grpclib.protocol.Stream._transport",
          "tests/agent/agent_testing.py (Accepted.transport)", _protocol_stream_transport),
     Seam("grpclib", "grpclib.client.Stream._end_done",
          "tests/hostile/raw_grpc.py (Conversation.end)", _client_stream_end_done),
     Seam("quart-trio", "QuartTrio.asgi_http_class is TrioASGIHTTPConnection(ASGIHTTPConnection)",
-         "daemon/http_connection.py (DispatchQuart swaps in a subclass)",
+         "daemon/api/http_connection.py (DispatchQuart swaps in a subclass)",
          _quart_trio_connection_class),
     Seam("quart-trio", "TrioASGIHTTPConnection.handle_messages(nursery, request, receive)",
-         "daemon/http_connection.py (_Connection overrides it)", _quart_trio_handle_messages),
+         "daemon/api/http_connection.py (_Connection overrides it)", _quart_trio_handle_messages),
     Seam("quart-trio", "TrioASGIHTTPConnection.handle_request sends through _send_response",
-         "daemon/http_connection.py (_Connection overrides _send_response)",
+         "daemon/api/http_connection.py (_Connection overrides _send_response)",
          _quart_trio_handle_request),
     Seam("quart", "quart.asgi.ASGIHTTPConnection.handle_messages(request, receive)",
-         "daemon/http_connection.py (_Connection calls it past quart-trio's override)",
+         "daemon/api/http_connection.py (_Connection calls it past quart-trio's override)",
          _quart_handle_messages),
     Seam("quart", "quart.asgi.ASGIHTTPConnection._send_response(send, response), final part last",
-         "daemon/http_connection.py (_Connection wraps its send to see the final part)",
+         "daemon/api/http_connection.py (_Connection wraps its send to see the final part)",
          _quart_send_response),
     Seam("hyperframe", "hyperframe.frame._raw_data_repr(data), looked up at repr time",
          "common/grpc_bridge.py (run() replaces it with _cheap_data_repr)",
@@ -304,6 +305,15 @@ def test_the_internal_is_as_relied_on(seam: Seam) -> None:
             "bound in pyproject.toml.",
             pytrace=False,
         )
+
+
+@pytest.mark.parametrize("seam", SEAMS, ids=lambda seam: f"{seam.package}:{seam.check.__name__}")
+def test_the_files_named_as_relying_on_it_exist(seam: Seam) -> None:
+    # Modules move (daemon/ was reshaped); a failure above must send the reader to a real file.
+    paths = re.findall(r"[\w/]+\.py", seam.relied_on_by)
+    assert paths, f"{seam.internal}: relied_on_by names no file"
+    missing = [path for path in paths if not (REPO / path).is_file()]
+    assert not missing, f"{seam.internal}: relied_on_by names files that do not exist: {missing}"
 
 
 def _dependencies() -> dict[str, Requirement]:
