@@ -17,7 +17,9 @@ SUBSYSTEMS = ("api", "agents", "engine", "store", "ops")
 
 def test_import_contracts_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # lint-imports reads pyproject.toml from the working directory
-    assert lint_imports(no_cache=True) == 0, "an import contract in pyproject.toml is broken (above)"
+    assert lint_imports(no_cache=True) == 0, (
+        "an import contract in pyproject.toml is broken (above)"
+    )
 
 
 def test_at_most_a_dozen_modules_beside_the_subsystems() -> None:
