@@ -1,6 +1,6 @@
 """mypy passes over agent/ and common/, strict as configured in pyproject.toml ``[tool.mypy]``.
 
-daemon/ joins once its reshape into subpackages (issue 10) has landed.
+daemon/ joins once its reshape (issue 10) is finished: its modules are still moving.
 """
 
 from __future__ import annotations
