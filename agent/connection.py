@@ -36,13 +36,13 @@ from agent.runner import ProcessRunner, Runner, RunnerSettings
 from agent.session import Session, agent_message
 from agent.worker import Worker, WorkerStatistics, finish_interrupted
 from common import tls
-from common.link import Link
+from common.link import AgentLink
 from common.retry import Backoff
 from proto.dispatch import v1 as pb
 
 logger = logging.getLogger(__name__)
 
-Connect = Callable[[], AbstractAsyncContextManager[Link]]
+Connect = Callable[[], AbstractAsyncContextManager[AgentLink]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +90,7 @@ def stream_opener(config: AgentConfig, credential: Callable[[], str | None]) -> 
     ``credential()`` says at each attempt."""
     context = tls_context(config)
 
-    def connect() -> AbstractAsyncContextManager[Link]:
+    def connect() -> AbstractAsyncContextManager[AgentLink]:
         return grpc_bridge.open_stream(
             config.server,
             credential(),
@@ -217,7 +217,7 @@ class Agent:
             what = "the stream broke" if welcomed else "could not connect"
             return _Ended(f"{what}: {exc}", welcomed=welcomed)
 
-    async def _handshake(self, link: Link) -> pb.Welcome:
+    async def _handshake(self, link: AgentLink) -> pb.Welcome:
         await link.send(self.hello())
         timeout_s = self.config.connect_timeout_s
         with trio.move_on_after(timeout_s):

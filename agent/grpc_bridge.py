@@ -10,9 +10,9 @@ task; it carries no deadline, since it is meant to stay open for as long as the 
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TypeVarTuple
 
 import grpclib.client
 import trio
@@ -43,7 +43,7 @@ async def open_stream(
     max_message_bytes: int,
     connect_timeout_s: float = 10.0,
     tls: ssl.SSLContext | None = None,
-) -> AsyncIterator[StreamLink]:
+) -> AsyncIterator[StreamLink[pb.AgentMessage, pb.ServerMessage]]:
     """A stream to the daemon's ``Connect``, request headers sent; closed on exit. ``tls``
     (``common.tls.client_context``) connects over TLS, verifying the daemon; None, in plaintext.
 
@@ -80,7 +80,10 @@ async def open_stream(
             await _quietly(aio(_close_channel), channel)
 
 
-async def _quietly(fn: Any, *args: Any) -> None:
+Ts = TypeVarTuple("Ts")
+
+
+async def _quietly(fn: Callable[[*Ts], Awaitable[None]], *args: *Ts) -> None:
     # Closing a stream that already broke fails the same way it broke; that was reported.
     try:
         with mapped_errors("close"):
@@ -107,7 +110,7 @@ async def _enter_stream(
     return stream
 
 
-async def _exit_stream(stream: grpclib.client.Stream[Any, Any]) -> None:
+async def _exit_stream(stream: grpclib.client.Stream[pb.AgentMessage, pb.ServerMessage]) -> None:
     await stream.__aexit__(_LinkClosed, _LinkClosed(), None)
 
 

@@ -212,7 +212,9 @@ class Journal:
 
     # ------------------------------------------------------------------ state
 
-    def _append(self, command_host_id: int, event: pb.Event, *, sync: bool = False) -> Flush:
+    def _append(
+        self, command_host_id: int, event: pb.Event, *, sync: bool = False
+    ) -> Flush[_Entry]:
         command = self._commands.get(command_host_id)
         if command is None:
             raise KeyError(f"command_host {command_host_id} was not claimed")

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Generic, TypeVar
 
 import trio
 
@@ -20,24 +20,29 @@ from agent import journal_file as jf
 
 logger = logging.getLogger(__name__)
 
+TagT = TypeVar("TagT")
+
 _RETRY_MAX_S = 30.0
 
 
-class Flush:
+class Flush(Generic[TagT]):
     """One group commit: the records enqueued while the previous one was being written."""
 
     __slots__ = ("records", "tags", "sync", "done", "ok", "retry")
 
     def __init__(self) -> None:
         self.records: list[bytes] = []
-        self.tags: list[Any] = []  # handed back to ``on_written`` once the write was attempted
+        self.tags: list[TagT] = []  # handed back to ``on_written`` once the write was attempted
         self.sync = False
         self.done = trio.Event()
         self.ok = False
-        self.retry: Flush | None = None  # where the records went after a failed write
+        self.retry: Flush[TagT] | None = None  # where the records went after a failed write
 
 
-class JournalWriter:
+class JournalWriter(Generic[TagT]):
+    """Writes records for ``Journal``; ``TagT`` is what it hands back to ``on_written`` for the
+    records enqueued with a tag."""
+
     def __init__(
         self,
         path: Path,
@@ -46,7 +51,7 @@ class JournalWriter:
         compact_bytes: int,
         snapshot: Callable[[], bytes],
         live_bytes: Callable[[], int],
-        on_written: Callable[[list[Any]], None],
+        on_written: Callable[[list[TagT]], None],
     ) -> None:
         self.path = path
         self._fsync = fsync
@@ -58,8 +63,8 @@ class JournalWriter:
         self.file_bytes = 0
         self.write_failures = 0
         self._needs_rewrite = False
-        self._current = Flush()
-        self._in_flight: Flush | None = None
+        self._current: Flush[TagT] = Flush()
+        self._in_flight: Flush[TagT] | None = None
         self._wake = trio.Event()
         self._closing = False
         self._closed = False
@@ -69,7 +74,7 @@ class JournalWriter:
     def pending_records(self) -> int:
         return len(self._current.records)
 
-    def enqueue(self, record: bytes, *, tag: Any = None, sync: bool = False) -> Flush:
+    def enqueue(self, record: bytes, *, tag: TagT | None = None, sync: bool = False) -> Flush[TagT]:
         if self._closed:
             raise trio.ClosedResourceError(f"journal {self.path} is closed")
         flush = self._current
@@ -80,7 +85,7 @@ class JournalWriter:
         self._wake.set()
         return flush
 
-    async def wait_durable(self, flush: Flush | None) -> None:
+    async def wait_durable(self, flush: Flush[TagT] | None) -> None:
         """Until the records of ``flush`` are written, following them through retries."""
         while flush is not None:
             await flush.done.wait()
@@ -180,20 +185,20 @@ class JournalWriter:
                 pending = self._current
                 if not pending.tags:
                     continue
-                following = Flush()
+                following: Flush[TagT] = Flush()
                 following.records, pending.records = pending.records, []
                 following.sync = pending.sync
                 pending.retry = following
                 self._current = following
                 self._finish(pending, ok=False)
 
-    def _finish(self, flush: Flush, *, ok: bool) -> None:
+    def _finish(self, flush: Flush[TagT], *, ok: bool) -> None:
         self._in_flight = None
         flush.ok = ok
         self._on_written(flush.tags)
         flush.done.set()
 
-    async def _write(self, flush: Flush) -> None:
+    async def _write(self, flush: Flush[TagT]) -> None:
         if self._needs_rewrite or self._should_compact():
             await self._rewrite()
             return

@@ -20,7 +20,7 @@ import trio
 from agent.config import AgentConfig
 from agent.journal import Journal
 from agent.worker import Worker
-from common.link import Link
+from common.link import AgentLink
 from proto.dispatch import v1 as pb
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Session:
         config: AgentConfig,
         journal: Journal,
         worker: Worker,
-        link: Link,
+        link: AgentLink,
         welcome: pb.Welcome,
     ) -> None:
         self._config = config
@@ -143,7 +143,7 @@ class Session:
     async def _watch(self) -> None:
         while True:
             # Bytes of a message still arriving count as hearing from the daemon.
-            heard = max(self._last_heard, getattr(self._link, "last_bytes_at", 0.0))
+            heard = max(self._last_heard, self._link.last_bytes_at)
             deadline = heard + self.heartbeat_ttl_s
             if trio.current_time() >= deadline:
                 self._end(f"nothing heard from the daemon for {self.heartbeat_ttl_s:.1f} s")
@@ -161,5 +161,13 @@ class Session:
         return True
 
 
-def agent_message(**kind: object) -> pb.AgentMessage:
-    return pb.AgentMessage(sent_monotonic_ns=time.monotonic_ns(), **kind)  # type: ignore[arg-type]
+def agent_message(
+    *,
+    hello: pb.Hello | None = None,
+    heartbeat: pb.Heartbeat | None = None,
+    events: pb.EventBatch | None = None,
+) -> pb.AgentMessage:
+    """One of the ``kind`` oneof's messages, stamped with the agent's clock."""
+    return pb.AgentMessage(
+        sent_monotonic_ns=time.monotonic_ns(), hello=hello, heartbeat=heartbeat, events=events
+    )

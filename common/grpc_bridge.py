@@ -1,4 +1,4 @@
-"""The trio <-> asyncio seam both programs share (with ``daemon/grpc_bridge.py`` and
+"""The trio <-> asyncio seam both programs share (with ``daemon/agents/grpc_bridge.py`` and
 ``agent/grpc_bridge.py``, the only modules that import asyncio, grpclib or trio_asyncio).
 
 grpclib is asyncio-only; it runs inside the trio program through trio-asyncio. Rules kept here:
@@ -11,6 +11,9 @@ grpclib is asyncio-only; it runs inside the trio program through trio-asyncio. R
 - h2 logs every frame it receives with ``repr(frame)`` built whether or not anyone logs, and a
   DATA frame's repr hex-encoded the whole payload to keep 20 characters of it: 6% of the daemon's
   time while ingesting output. ``_cheap_data_repr`` gives the same text from the first bytes.
+
+The private grpclib and hyperframe internals used here are pinned (upper bounds in
+``pyproject.toml``) and checked by name in ``tests/test_pinned_internals.py``.
 """
 
 from __future__ import annotations
@@ -19,20 +22,30 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, TypeVarTuple, cast
 
 import grpclib.const
 import grpclib.encoding.proto
 import grpclib.exceptions
+import grpclib.protocol
 import grpclib.stream
 import h2.exceptions
 import hyperframe.frame
 import trio
 import trio_asyncio
 
-from common.link import MalformedMessage, MessageTooLarge
+from common.link import (
+    MalformedMessage,
+    MessageTooLarge,
+    ReceiveT,
+    ReceiveT_co,
+    SendT,
+    SendT_contra,
+)
 
 T = TypeVar("T")
+P = ParamSpec("P")
+Ts = TypeVarTuple("Ts")
 
 CONNECT_ROUTE = "/dispatch.v1.AgentService/Connect"
 CONNECT_CARDINALITY = grpclib.const.Cardinality.STREAM_STREAM
@@ -48,13 +61,14 @@ _FOREIGN_ERRORS = (
 )
 
 
-def run(async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+def run(async_fn: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> T:
     """Run a trio program with an asyncio loop available to the bridge modules."""
-    hyperframe.frame._raw_data_repr = _cheap_data_repr  # type: ignore[attr-defined]
-    return trio_asyncio.run(async_fn, *args)
+    hyperframe.frame._raw_data_repr = _cheap_data_repr
+    # trio_asyncio has no type annotations: its functions return Any.
+    return cast(T, trio_asyncio.run(async_fn, *args))
 
 
-_HYPERFRAME_DATA_REPR = hyperframe.frame._raw_data_repr  # type: ignore[attr-defined]
+_HYPERFRAME_DATA_REPR = hyperframe.frame._raw_data_repr
 
 
 def _cheap_data_repr(data: bytes | None) -> str:
@@ -74,14 +88,14 @@ def mapped_errors(what: str) -> Iterator[None]:
         raise trio.BrokenResourceError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
-def aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def aio(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """This asyncio-flavored callable as a trio-flavored one."""
-    return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
+    return cast(Callable[P, Awaitable[T]], trio_asyncio.aio_as_trio(fn))
 
 
-def trio_handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def trio_handler(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """This trio-flavored callable as an asyncio-flavored one (for grpclib's handlers)."""
-    return trio_asyncio.trio_as_aio(fn)  # type: ignore[no-any-return]
+    return cast(Callable[P, Awaitable[T]], trio_asyncio.trio_as_aio(fn))
 
 
 class StrictProtoCodec(grpclib.encoding.proto.ProtoCodec):
@@ -106,7 +120,20 @@ class StrictProtoCodec(grpclib.encoding.proto.ProtoCodec):
         return message
 
 
-class StreamLink:
+class GrpcStream(Protocol[SendT_contra, ReceiveT_co]):
+    """What a link uses of a grpclib stream: the client's ``grpclib.client.Stream[send,
+    receive]`` or the server's ``grpclib.server.Stream[receive, send]``."""
+
+    # The HTTP/2 stream under it, a grpclib internal: the size guard reads through it
+    # (pinned, and checked in tests/test_pinned_internals.py).
+    _stream: grpclib.protocol.Stream
+
+    async def send_message(self, message: SendT_contra) -> None: ...
+
+    async def recv_message(self) -> ReceiveT_co | None: ...
+
+
+class StreamLink(Generic[SendT, ReceiveT]):
     """A trio-flavored ``common.link.Link`` over one grpclib stream (client or server side).
 
     Messages are pumped, not carried across the bridge one by one: an asyncio reader task hands
@@ -122,13 +149,18 @@ class StreamLink:
     """
 
     def __init__(
-        self, stream: Any, *, peer: str, max_message_bytes: int, buffer_messages: int = 64
+        self,
+        stream: GrpcStream[SendT, ReceiveT],
+        *,
+        peer: str,
+        max_message_bytes: int,
+        buffer_messages: int = 64,
     ) -> None:
         self._stream = stream
         self.peer = peer
         self._max_message_bytes = max_message_bytes
-        self._inbox_send, self._inbox = trio.open_memory_channel[Any](buffer_messages)
-        self._outbox: asyncio.Queue[Any] = asyncio.Queue(buffer_messages)
+        self._inbox_send, self._inbox = trio.open_memory_channel[ReceiveT](buffer_messages)
+        self._outbox: asyncio.Queue[SendT] = asyncio.Queue(buffer_messages)
         self._tasks: list[asyncio.Task[None]] = []
         # Kept apart: a peer that sent garbage can still be told why its stream ends.
         self._read_failure: trio.BrokenResourceError | None = None
@@ -143,7 +175,7 @@ class StreamLink:
 
     async def start(self) -> None:
         """Asyncio-flavored. Begin pumping (a client stream: after ``send_request``)."""
-        _install_size_guard(self._stream, self._max_message_bytes, self)
+        _install_size_guard(self._stream._stream, self._max_message_bytes, self)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read()), loop.create_task(self._write())]
 
@@ -184,10 +216,7 @@ class StreamLink:
             while True:
                 message = await self._outbox.get()
                 try:
-                    if message is _END:
-                        await self._stream.end()
-                    else:
-                        await self._stream.send_message(message)
+                    await self._stream.send_message(message)
                 finally:
                     self._outbox.task_done()
         except asyncio.CancelledError:
@@ -200,14 +229,7 @@ class StreamLink:
 
     # ------------------------------------------------------------------ trio side
 
-    async def send(self, message: Any) -> None:
-        await self._put(message)
-
-    async def send_end(self) -> None:
-        """Half-close: tell the peer no more messages follow (client side)."""
-        await self._put(_END)
-
-    async def _put(self, message: Any) -> None:
+    async def send(self, message: SendT) -> None:
         if self._closed:
             raise trio.ClosedResourceError("link closed")
         _raise(self._write_failure)
@@ -218,7 +240,7 @@ class StreamLink:
             with mapped_errors(f"send to {self.peer}"):
                 await aio(self._outbox.put)(message)
 
-    async def receive(self) -> Any:
+    async def receive(self) -> ReceiveT:
         if self._closed:
             raise trio.ClosedResourceError("link closed")
         try:
@@ -231,22 +253,22 @@ class StreamLink:
         self._closed = True
 
 
-_END = object()  # in the outbox: half-close the stream
-
-
 def _raise(failure: trio.BrokenResourceError | None) -> None:
     if failure is not None:
         raise type(failure)(*failure.args)
 
 
-def _install_size_guard(stream: Any, max_message_bytes: int, link: StreamLink) -> None:
+def _install_size_guard(
+    inner: grpclib.protocol.Stream, max_message_bytes: int, link: StreamLink[SendT, ReceiveT]
+) -> None:
     """Refuse a message whose declared length is over the limit, before its body is buffered.
 
     grpclib's ``recv_message`` reads every message as ``recv_data(5)`` (flag and big-endian
     length) followed by ``recv_data(length)``; the guard follows that framing on the HTTP/2 stream
     (so a 5-byte body is never mistaken for a header) and checks each declared length.
+    ``inner`` is that HTTP/2 stream (``grpclib.protocol.Stream``), the layer both sides read
+    through.
     """
-    inner = stream._stream  # grpclib.protocol.Stream, the HTTP/2 layer both sides read through
     original_recv_data = inner.recv_data
     expecting_header = True
 
@@ -266,11 +288,11 @@ def _install_size_guard(stream: Any, max_message_bytes: int, link: StreamLink) -
                 )
         return data
 
-    inner.recv_data = guarded_recv_data
+    inner.recv_data = guarded_recv_data  # type: ignore[method-assign]  # replaced on purpose
     original_add = inner.buffer.add
 
     def noting_add(data: bytes, ack_size: int) -> None:
         link.last_bytes_at = trio.current_time()
         original_add(data, ack_size)
 
-    inner.buffer.add = noting_add
+    inner.buffer.add = noting_add  # type: ignore[method-assign]  # replaced on purpose

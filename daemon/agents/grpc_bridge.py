@@ -56,7 +56,10 @@ _DRAIN_S = 2.0
 StreamHandler = Callable[[Link, str | None, frozenset[str] | None], Awaitable[StreamEnd | None]]
 
 
-class _AgentService(pb.AgentServiceBase):
+class _AgentService:
+    """A grpclib servable: grpclib needs only ``__mapping__`` (no generated server base, which
+    would make importing the messages import grpclib)."""
+
     def __init__(self, handle_stream: StreamHandler, max_message_bytes: int) -> None:
         self._handle_stream = trio_handler(handle_stream)
         self._max_message_bytes = max_message_bytes

@@ -8,6 +8,9 @@ cycle. A ``Connection: close`` was never honoured, keep-alive connections were n
 a request pipelined on a reused connection could wait for a timeout. Here a disconnect cancels
 the request only while the response is still being produced (a client gone mid-stream, e.g. an
 SSE watcher): once the final part is handed over, the send is left to finish.
+
+It overrides quart-trio's and quart's internals, so both are pinned below their next minor in
+``pyproject.toml``; ``tests/test_pinned_internals.py`` checks the methods it relies on.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import betterproto2
@@ -80,3 +82,17 @@ def test_the_generated_code_matches_the_contract_file() -> None:
     source = (REPO / "proto/dispatch/v1/dispatch.proto").read_text()
     for cls in _message_classes():
         assert f"message {cls.__name__} {{" in source
+
+
+def test_importing_the_messages_does_not_import_grpclib() -> None:
+    # Only the grpc_bridge modules talk gRPC; a generated client stub or server base would drag
+    # grpclib (and asyncio's machinery) into every module that merely reads a message.
+    probe = "import sys, proto.dispatch.v1; print(sorted(m for m in sys.modules if 'grpclib' in m))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", (
+        f"importing proto.dispatch.v1 imported {done.stdout.strip()}: regenerate with "
+        "proto/regenerate.sh (client_generation=none,server_generation=none)"
+    )

@@ -7,8 +7,6 @@ __all__ = (
     "Ack",
     "AckBatch",
     "AgentMessage",
-    "AgentServiceBase",
-    "AgentServiceStub",
     "CancelBatch",
     "Event",
     "EventBatch",
@@ -26,20 +24,11 @@ __all__ = (
     "Welcome",
 )
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import betterproto2
-import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
 
 from ...message_pool import default_message_pool
-
-if TYPE_CHECKING:
-    import grpclib.server
-    from betterproto2.grpclib.grpclib_client import MetadataLike
-    from grpclib.metadata import Deadline
 
 _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
@@ -436,54 +425,3 @@ class Welcome(betterproto2.Message):
 
 
 default_message_pool.register_message("dispatch.v1", "Welcome", Welcome)
-
-
-class AgentServiceStub(betterproto2_grpclib.ServiceStub):
-    async def connect(
-        self,
-        messages: "AsyncIterable[AgentMessage] | Iterable[AgentMessage]",
-        *,
-        timeout: "float | None" = None,
-        deadline: "Deadline | None" = None,
-        metadata: "MetadataLike | None" = None,
-    ) -> "AsyncIterator[ServerMessage]":
-
-        async for response in self._stream_stream(
-            "/dispatch.v1.AgentService/Connect",
-            messages,
-            AgentMessage,
-            ServerMessage,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-        ):
-            yield response
-
-
-class AgentServiceBase(betterproto2_grpclib.ServiceBase):
-    async def connect(
-        self, messages: "AsyncIterator[AgentMessage]"
-    ) -> "AsyncIterator[ServerMessage]":
-
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-        yield ServerMessage()
-
-    async def __rpc_connect(
-        self, stream: "grpclib.server.Stream[AgentMessage, ServerMessage]"
-    ) -> None:
-        request = stream.__aiter__()
-        await self._call_rpc_handler_server_stream(
-            self.connect,
-            stream,
-            request,
-        )
-
-    def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
-        return {
-            "/dispatch.v1.AgentService/Connect": grpclib.const.Handler(
-                self.__rpc_connect,
-                grpclib.const.Cardinality.STREAM_STREAM,
-                AgentMessage,
-                ServerMessage,
-            ),
-        }
