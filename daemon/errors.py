@@ -5,7 +5,6 @@
     ├── Unauthorized           401  no or wrong API token
     ├── NotFound               404  no such task, execution or host
     ├── Conflict               409  the request does not fit the current state (start twice, ...)
-    ├── PayloadTooLarge        413  the body is over the limit
     └── Unavailable            503  the daemon is shutting down or the database is failing
 
 Anything else that escapes a request handler is a bug: it is logged with its traceback and the
@@ -26,12 +25,6 @@ class DispatchError(Exception):
         if code is not None:
             self.code = code
 
-    def to_body(self) -> dict[str, dict[str, str]]:
-        error = {"code": self.code, "message": self.message}
-        if self.field is not None:
-            error["field"] = self.field
-        return {"error": error}
-
 
 class InvalidRequest(DispatchError):
     status = 400
@@ -51,11 +44,6 @@ class NotFound(DispatchError):
 class Conflict(DispatchError):
     status = 409
     code = "conflict"
-
-
-class PayloadTooLarge(DispatchError):
-    status = 413
-    code = "payload_too_large"
 
 
 class Unavailable(DispatchError):

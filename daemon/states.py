@@ -37,7 +37,6 @@ EXEC_TERMINAL = frozenset(
         ExecStatus.SKIPPED,
     }
 )
-EXEC_ACTIVE = frozenset(ExecStatus) - EXEC_TERMINAL
 # The order a status may move in: a write never moves a CommandHost backwards.
 EXEC_RANK = {
     ExecStatus.PENDING: 0,

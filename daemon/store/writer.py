@@ -24,6 +24,7 @@ from typing import Any
 import peewee
 import trio
 
+from common.retry import Backoff
 from daemon.states import ExecStatus, Reason, TaskStatus
 from daemon.store import flush
 from daemon.store.commits import CommitFeed, Committed, OutputRow, TaskRowChange
@@ -161,7 +162,7 @@ class Writer:
         return batch
 
     async def _write(self, batch: list[Op]) -> None:
-        delay = 0.05
+        backoff = Backoff(0.05, 5.0)
         while True:
             started = time.perf_counter()
             try:
@@ -169,14 +170,14 @@ class Writer:
                 break
             except _TRANSIENT as exc:
                 self._failures += 1
+                delay = backoff.next_delay()
                 logger.error(
-                    "writing a batch of %d changes failed (%s); retrying in %.1f s",
+                    "writing a batch of %d changes failed (%s); retrying in %.2f s",
                     len(batch),
                     first_cause(exc),
                     delay,
                 )
                 await trio.sleep(delay)
-                delay = min(delay * 2, 5.0)
         self._last_flush_s = time.perf_counter() - started
         self._account(batch, result)
         await self._publish(result)
