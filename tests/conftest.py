@@ -8,6 +8,7 @@ database the user may connect to with CREATEDB rights; ``.ci/run`` starts such a
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,4 +44,19 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     try:
         yield urlunparse(urlparse(POSTGRES_URL)._replace(path=f"/{name}"))
     finally:
-        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _drop_database(name)
+
+
+def _drop_database(name: str) -> None:
+    """FORCE cannot end an autovacuum worker that happens to be in the fresh database (it runs
+    as a superuser): PostgreSQL refuses, and the worker is gone a moment later."""
+    import psycopg2.errors
+
+    for attempt in range(20):
+        try:
+            _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg2.errors.InsufficientPrivilege:
+            if attempt == 19:
+                raise
+            time.sleep(0.25)
