@@ -44,11 +44,11 @@ from daemon.api.live import LiveHub
 from daemon.api.schemas import HttpLimits
 from daemon.config import DaemonConfig, split_listen
 from daemon.engine.dispatcher import Dispatcher
+from daemon.engine.executions import ExecutionLimits
 from daemon.engine.fleet import Presence
 from daemon.engine.hosts import HostAdmin
 from daemon.engine.records import DatabaseRecords
 from daemon.engine.scheduler import Scheduler
-from daemon.engine.task_run import ExecutionLimits
 from daemon.engine.tasks import TaskService
 from daemon.errors import StartupError
 from daemon.ops.audit import AuditLog

@@ -145,11 +145,14 @@ class LiveHub:
                 self.publish(LiveEvent(ex.change_seq, ex.task_id, "execution", view))
         for row in committed.output:
             if row.task_id in self._by_task:
-                self.publish(LiveEvent(row.seq, row.task_id, "output", {
+                data = {
                     "execution_id": str(row.execution_id),
                     "host_id": committed.executions[row.execution_id].host_id,
-                    "stream": _OUTPUT_STREAMS[row.stream], "offset": row.offset, "data": row.data,
-                }))  # fmt: skip
+                    "stream": _OUTPUT_STREAMS[row.stream],
+                    "offset": row.offset,
+                    "data": row.data,
+                }
+                self.publish(LiveEvent(row.seq, row.task_id, "output", data))
         for change in committed.tasks:
             if change.task_id in self._by_task:
                 view = task_event_view(dict(change.row))

@@ -18,17 +18,12 @@ from dataclasses import dataclass
 
 import trio
 
+from daemon.engine.executions import ExecutionLimits
 from daemon.engine.fleet import Arrived, Departed, Fleet, Presence
+from daemon.engine.inbox import AgentArrived, AgentLeft, CancelRequested, Transition
 from daemon.engine.records import TaskRecords
 from daemon.engine.slots import ExecutionSlots
-from daemon.engine.task_run import (
-    AgentArrived,
-    AgentLeft,
-    CancelRequested,
-    ExecutionLimits,
-    TaskRun,
-    Transition,
-)
+from daemon.engine.task_run import TaskRun
 from daemon.engine.timers import RECORD_WAIT_S
 from daemon.states import ExecStatus, Reason, TaskStatus
 from daemon.store.commits import Committed
@@ -67,9 +62,13 @@ class Dispatcher:
     async def run_task(self, task_id: int) -> TaskStatus | None:
         """Run (or resume) a queued or running task to its end; returns its final status."""
         run = TaskRun(
-            task_id, writer=self._writer, records=self._records, fleet=self._fleet,
-            slots=self._slots, limits=self._limits,
-        )  # fmt: skip
+            task_id,
+            writer=self._writer,
+            records=self._records,
+            fleet=self._fleet,
+            slots=self._slots,
+            limits=self._limits,
+        )
         # Registered before it reads its plan: a change committed from now on reaches it.
         self._runs[task_id] = run
         try:
@@ -95,15 +94,17 @@ class Dispatcher:
                 "internal error in the daemon; see its log",
             )
             await self._writer.change_task(
-                task_id, TaskStatus.FAILED, frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING}),
+                task_id,
+                TaskStatus.FAILED,
+                frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING}),
                 finished_at=time.time(),
                 error="internal error in the daemon; see its log",
-            )  # fmt: skip
+            )
 
     async def fail_host(self, host_id: str, reason: Reason, message: str) -> int:
         """Settle every execution in flight on ``host_id`` as ``failed`` / ``reason`` (the host
         was revoked: nothing it reports counts any more). Returns how many were settled."""
-        ids = sorted(i for run in self._runs.values() for i in run.unsettled_on(host_id))
+        ids = sorted(i for run in self._runs.values() for i in run.executions.unsettled_on(host_id))
         if ids:
             logger.warning(
                 "host %s: %d executions in flight settled failed (%s)", host_id, len(ids), reason
@@ -143,15 +144,17 @@ class Dispatcher:
             async for news in presence:
                 if isinstance(news, Departed):
                     for run in self._runs.values():
-                        if run.active_on(news.host_id):
+                        if run.executions.on_host(news.host_id):
                             run.inbox.put(AgentLeft(news.host_id))
                     continue
                 session = news.session
                 for run in self._runs.values():
-                    if run.active_on(session.host_id):
+                    if run.executions.on_host(session.host_id):
                         run.inbox.put(AgentArrived(session))
                 strangers = [
-                    i for i in session.known_ids if not any(r.holds(i) for r in self._runs.values())
+                    i
+                    for i in session.known_ids
+                    if not any(r.executions.holds(i) for r in self._runs.values())
                 ]
                 if strangers:
                     await self._cancel_finished(news, strangers)
@@ -172,7 +175,7 @@ class Dispatcher:
         slots = self._slots.statistics()
         return DispatcherStatistics(
             tasks_running=len(self._runs),
-            executions_in_flight=sum(len(run.flights) for run in self._runs.values()),
+            executions_in_flight=sum(len(run.executions) for run in self._runs.values()),
             executions_running_limit=slots.total,
             executions_waiting_for_slot=slots.waiting,
         )

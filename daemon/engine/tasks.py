@@ -81,9 +81,13 @@ class TaskService:
         status = await self._status(task_id)
         if status in _NOT_STARTED:
             cancelled = await self._writer.change_task(
-                task_id, TaskStatus.CANCELLED, _NOT_STARTED, finished_at=time.time(),
-                cancel_requested=True, error="cancelled by user before it started",
-            )  # fmt: skip
+                task_id,
+                TaskStatus.CANCELLED,
+                _NOT_STARTED,
+                finished_at=time.time(),
+                cancel_requested=True,
+                error="cancelled by user before it started",
+            )
             if cancelled:
                 pending = await self._database.read(
                     task_records.unfinished_execution_ids, task_id, only_pending=True

@@ -2,7 +2,7 @@
 
 Values are read when Prometheus scrapes, so the hot paths carry no metric bookkeeping of their
 own beyond the counters their ``statistics()`` already keep. Two sources are not ``statistics()``:
-execution counters and histograms (``TransitionMetrics``, fed by the writer after each commit)
+execution counters and histograms (``TransitionMetrics``, reading the writer's commits)
 and tasks by status, a ``COUNT`` by status through ``Database.read`` made at scrape time, at most
 once every ``TASK_COUNT_INTERVAL_S`` (``Metrics.refresh``, awaited by the route before
 rendering).

@@ -68,20 +68,11 @@ class Committed:
         return touched
 
 
-@dataclass(frozen=True)
-class FeedStatistics:
-    subscribers: int
-    published: int
-    waits: int  # publishes that had to wait for a subscriber that was behind
-
-
 class CommitFeed:
     """The committed values, for every subscriber, in commit order."""
 
     def __init__(self) -> None:
         self._subscribers: dict[str, trio.MemorySendChannel[Committed]] = {}
-        self._published = 0
-        self._waits = 0
 
     def subscribe(self, name: str, *, buffer: int = 64) -> trio.MemoryReceiveChannel[Committed]:
         """A bounded subscription; closing its receive side ends it."""
@@ -92,16 +83,12 @@ class CommitFeed:
         return receive
 
     async def publish(self, committed: Committed) -> None:
-        self._published += 1
         for name, send in list(self._subscribers.items()):
             try:
-                send.send_nowait(committed)
-            except trio.WouldBlock:
-                self._waits += 1
                 try:
-                    await send.send(committed)
-                except trio.BrokenResourceError:
-                    self._drop(name)
+                    send.send_nowait(committed)  # the usual case: no scheduling round
+                except trio.WouldBlock:
+                    await send.send(committed)  # a subscriber behind: the writer waits for it
             except trio.BrokenResourceError:
                 self._drop(name)
 
@@ -114,6 +101,3 @@ class CommitFeed:
         for send in self._subscribers.values():
             send.close()
         self._subscribers.clear()
-
-    def statistics(self) -> FeedStatistics:
-        return FeedStatistics(len(self._subscribers), self._published, self._waits)

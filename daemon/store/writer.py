@@ -209,11 +209,16 @@ class Writer:
         ]
         await self.feed.publish(
             Committed(
-                first_seq=plan.first_seq, last_seq=plan.next_seq - 1, committed_at=time.time(),
-                transitions=plan.status_changes, executions=plan.changed, output=output,
-                tasks=applied_tasks, acks=plan.acks,
+                first_seq=plan.first_seq,
+                last_seq=plan.next_seq - 1,
+                committed_at=time.time(),
+                transitions=plan.status_changes,
+                executions=plan.changed,
+                output=output,
+                tasks=applied_tasks,
+                acks=plan.acks,
             )
-        )  # fmt: skip
+        )
 
     def statistics(self) -> WriterStatistics:
         return WriterStatistics(
@@ -265,10 +270,13 @@ async def open_writer(
     queued before."""
     next_seq = await database.read(flush.max_change_seq, database.db) + 1
     async with run_writer(
-        database_flush(database), Ledger(max_output_bytes=max_output_bytes, next_seq=next_seq),
-        queue_items=queue_items, batch_events=batch_events, batch_age_s=batch_age_s,
+        database_flush(database),
+        Ledger(max_output_bytes=max_output_bytes, next_seq=next_seq),
+        queue_items=queue_items,
+        batch_events=batch_events,
+        batch_age_s=batch_age_s,
         close_timeout_s=close_timeout_s,
-    ) as writer:  # fmt: skip
+    ) as writer:
         yield writer
 
 
@@ -285,9 +293,12 @@ async def run_writer(
     """A writer serving for the block's lifetime over any ``flush_batch``; on exit it writes
     everything queued before, within ``close_timeout_s``."""
     writer = Writer(
-        flush_batch, ledger, queue_items=queue_items, batch_events=batch_events,
+        flush_batch,
+        ledger,
+        queue_items=queue_items,
+        batch_events=batch_events,
         batch_age_s=batch_age_s,
-    )  # fmt: skip
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.serve)
         try:

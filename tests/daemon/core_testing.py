@@ -1,6 +1,7 @@
 """The daemon's core wired as ``daemon.server`` wires it, for tests that drive it directly: the
-writer with acknowledgements flowing back to the agents' sinks, and the engine (dispatcher,
-scheduler, task use cases) reading the writer's commits and the registry's presence."""
+writer with acknowledgements flowing back to the agents' sinks, and the engine (dispatcher and
+scheduler) reading the writer's commits and the registry's presence, over any record (the
+database's, or ``memory_store``'s)."""
 
 from __future__ import annotations
 
@@ -14,28 +15,40 @@ import trio
 from daemon.agents.acks import serve_acks
 from daemon.agents.registry import Registry
 from daemon.engine.dispatcher import Dispatcher
+from daemon.engine.executions import ExecutionLimits
 from daemon.engine.fleet import Presence
-from daemon.engine.records import DatabaseRecords
+from daemon.engine.records import TaskRecords
 from daemon.engine.scheduler import Scheduler
-from daemon.engine.task_run import ExecutionLimits
 from daemon.engine.tasks import TaskService
 from daemon.store.database import Database
 from daemon.store.writer import Writer, open_writer
 
 WRITER_SETTINGS: dict[str, Any] = {
-    "max_output_bytes": 1000, "queue_items": 1000, "batch_events": 500, "batch_age_s": 0.005,
+    "max_output_bytes": 1000,
+    "queue_items": 1000,
+    "batch_events": 500,
+    "batch_age_s": 0.005,
     "close_timeout_s": 5,
-}  # fmt: skip
+}
+
+
+@asynccontextmanager
+async def acknowledging(writer: Writer) -> AsyncIterator[Writer]:
+    """``writer`` with its acknowledgements reaching the agents' sinks."""
+    acks = writer.feed.subscribe("acks")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_acks, acks)
+        yield writer
+        nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
 async def open_acking_writer(database: Database, **settings: Any) -> AsyncIterator[Writer]:
-    async with open_writer(database, **{**WRITER_SETTINGS, **settings}) as writer:
-        acks = writer.feed.subscribe("acks")
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_acks, acks)
-            yield writer
-            nursery.cancel_scope.cancel()
+    async with (
+        open_writer(database, **{**WRITER_SETTINGS, **settings}) as writer,
+        acknowledging(writer),
+    ):
+        yield writer
 
 
 @dataclass
@@ -43,37 +56,41 @@ class Engine:
     registry: Registry
     dispatcher: Dispatcher
     scheduler: Scheduler
-    tasks: TaskService
+    writer: Writer
+
+    def task_service(self, database: Database, *, max_targets: int = 100) -> TaskService:
+        return TaskService(
+            database=database,
+            writer=self.writer,
+            scheduler=self.scheduler,
+            dispatcher=self.dispatcher,
+            max_targets=max_targets,
+        )
 
 
 @asynccontextmanager
 async def open_engine(
     writer: Writer,
-    database: Database,
+    records: TaskRecords,
     *,
     max_running_executions: int,
-    agent_grace_s: float,
-    kill_grace_s: float,
-    report_margin_s: float,
-    max_output_bytes: int = 1000,
+    limits: ExecutionLimits,
     max_running_tasks: int = 4,
-    max_targets: int = 100,
 ) -> AsyncIterator[Engine]:
     """The engine over ``writer`` until the block ends (a daemon shutdown: work stays in flight)."""
     presence_send, presence_receive = trio.open_memory_channel[Presence](100)
     registry = Registry(presence=presence_send)
-    records = DatabaseRecords(database)
-    limits = ExecutionLimits(agent_grace_s, kill_grace_s, report_margin_s, max_output_bytes)
     dispatcher = Dispatcher(
-        writer=writer, records=records, fleet=registry,
-        max_running_executions=max_running_executions, limits=limits,
-    )  # fmt: skip
+        writer=writer,
+        records=records,
+        fleet=registry,
+        max_running_executions=max_running_executions,
+        limits=limits,
+    )
     scheduler = Scheduler(dispatcher, records, max_running_tasks=max_running_tasks)
-    tasks = TaskService(database=database, writer=writer, scheduler=scheduler,
-                        dispatcher=dispatcher, max_targets=max_targets)  # fmt: skip
     commits = writer.feed.subscribe(f"engine-{id(dispatcher)}")
     async with trio.open_nursery() as nursery:
         await nursery.start(dispatcher.serve, commits, presence_receive)
         await nursery.start(scheduler.serve)
-        yield Engine(registry, dispatcher, scheduler, tasks)
+        yield Engine(registry, dispatcher, scheduler, writer)
         nursery.cancel_scope.cancel()

@@ -54,9 +54,12 @@ class MemoryStore:
             for index in commands:
                 ch_id = next(self._ids)
                 self.executions[ch_id] = Execution(
-                    id=ch_id, task_id=task_id, host_id=host_id, command_index=index,
+                    id=ch_id,
+                    task_id=task_id,
+                    host_id=host_id,
+                    command_index=index,
                     status=ExecStatus.PENDING,
-                )  # fmt: skip
+                )
         return task_id
 
     def statuses(self, task_id: int) -> dict[tuple[str, int], tuple[ExecStatus, str | None]]:
@@ -70,8 +73,9 @@ class MemoryStore:
 
     async def flush(self, ledger: Ledger, ops: Sequence[Op]) -> FlushResult:
         self.flushes += 1
-        loaded = {i: self.executions[i].clone() for i in ledger.unknown_ids(ops)
-                  if i in self.executions}  # fmt: skip
+        loaded = {
+            i: self.executions[i].clone() for i in ledger.unknown_ids(ops) if i in self.executions
+        }
         plan = ledger.plan(ops, loaded)
         for ex in plan.digests_from_rows:
             ex.output_digest = output_digest(ex, b"", b"")
@@ -97,9 +101,14 @@ class MemoryStore:
 
     def _row(self, task_id: int) -> dict[str, Any]:
         task = self.tasks[task_id]
-        return {"id": task_id, "status": task.status.value, "started_at": None,
-                "finished_at": None, "error": task.fields.get("error"),
-                "cancel_requested": task.cancel_requested}  # fmt: skip
+        return {
+            "id": task_id,
+            "status": task.status.value,
+            "started_at": None,
+            "finished_at": None,
+            "error": task.fields.get("error"),
+            "cancel_requested": task.cancel_requested,
+        }
 
     # ------------------------------------------------------------------ engine.records
 
@@ -114,11 +123,17 @@ class MemoryStore:
                     PlannedExecution(ex.id, ex.host_id, ex.command_index, ex.status)
                 )
         return TaskPlan(
-            task_id=task_id, status=task.status, started_at=task.fields.get("started_at"),
-            max_concurrency=task.max_concurrency, max_failures=task.max_failures,
-            delivery_timeout_s=task.delivery_timeout_s, continue_on_error=task.continue_on_error,
-            cancel_requested=task.cancel_requested, commands=task.commands, by_host=by_host,
-        )  # fmt: skip
+            task_id=task_id,
+            status=task.status,
+            started_at=task.fields.get("started_at"),
+            max_concurrency=task.max_concurrency,
+            max_failures=task.max_failures,
+            delivery_timeout_s=task.delivery_timeout_s,
+            continue_on_error=task.continue_on_error,
+            cancel_requested=task.cancel_requested,
+            commands=task.commands,
+            by_host=by_host,
+        )
 
     async def status_counts(self, task_id: int) -> dict[ExecStatus, int]:
         counts: dict[ExecStatus, int] = {}
@@ -128,8 +143,11 @@ class MemoryStore:
         return counts
 
     async def unfinished_execution_ids(self, task_id: int) -> list[int]:
-        return [ex.id for ex in self.executions.values()
-                if ex.task_id == task_id and not ex.status.terminal]  # fmt: skip
+        return [
+            ex.id
+            for ex in self.executions.values()
+            if ex.task_id == task_id and not ex.status.terminal
+        ]
 
     async def execution_statuses(self, ids: Sequence[int]) -> dict[int, ExecStatus]:
         return {i: self.executions[i].status for i in ids if i in self.executions}

@@ -13,6 +13,8 @@ import trio
 
 from daemon.agents.registry import Registry
 from daemon.engine.dispatcher import Dispatcher
+from daemon.engine.executions import ExecutionLimits
+from daemon.engine.records import DatabaseRecords
 from daemon.engine.tasks import TaskService
 from daemon.store import models
 from daemon.store.database import Database
@@ -145,11 +147,14 @@ async def open_core(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Core]:
     for host in ("offline-1", "late-1"):
         with db.connection_context():
             _ensure_host(host)
-    async with open_acking_writer(database) as writer, open_engine(
-        writer, database, max_running_executions=5, agent_grace_s=GRACE_S, kill_grace_s=0.1,
-        report_margin_s=0.2,
-    ) as engine:  # fmt: skip
-        yield Core(database, writer, engine.registry, engine.dispatcher, engine.tasks, nursery)
+    limits = ExecutionLimits(GRACE_S, kill_grace_s=0.1, report_margin_s=0.2, max_output_bytes=1000)
+    async with (
+        open_acking_writer(database) as writer,
+        open_engine(writer, DatabaseRecords(database), max_running_executions=5, limits=limits)
+        as engine,
+    ):
+        tasks = engine.task_service(database)
+        yield Core(database, writer, engine.registry, engine.dispatcher, tasks, nursery)
     db.close_all()
 
 

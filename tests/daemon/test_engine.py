@@ -12,16 +12,15 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from daemon.agents.acks import serve_acks
 from daemon.agents.registry import Registry
 from daemon.engine.dispatcher import Dispatcher
-from daemon.engine.fleet import Presence
+from daemon.engine.executions import ExecutionLimits
 from daemon.engine.scheduler import Scheduler
-from daemon.engine.task_run import ExecutionLimits
 from daemon.states import ExecStatus, Reason, TaskStatus
 from daemon.store.ledger import Ledger
 from daemon.store.writer import Writer, run_writer
 from proto.dispatch import v1 as pb
+from tests.daemon.core_testing import WRITER_SETTINGS, acknowledging, open_engine
 from tests.daemon.memory_store import MemoryStore
 
 GRACE_S = 10.0
@@ -74,9 +73,16 @@ class FakeAgent:
             return
         self.running.discard(ch_id)
         code = 0 if self.behaviour == "succeed" else 3
-        await self._event(ch_id, "finished", pb.Finished(
-            outcome=pb.Outcome.EXITED, has_exit_code=True, exit_code=code,
-            duration_ns=int(self.work_s * 1e9)))  # fmt: skip
+        await self._event(
+            ch_id,
+            "finished",
+            pb.Finished(
+                outcome=pb.Outcome.EXITED,
+                has_exit_code=True,
+                exit_code=code,
+                duration_ns=int(self.work_s * 1e9),
+            ),
+        )
 
     async def _event(self, ch_id: int, kind: str, value: object) -> None:
         seq = self.seqs[ch_id] = self.seqs.get(ch_id, 0) + 1
@@ -116,23 +122,18 @@ async def open_harness(
 ) -> AsyncIterator[Harness]:
     store = store or MemoryStore()
     ledger = Ledger(max_output_bytes=1000, next_seq=1)
-    async with run_writer(store.flush, ledger, queue_items=1000, batch_events=500,
-                          batch_age_s=0.005, close_timeout_s=5) as writer:  # fmt: skip
-        presence_send, presence_receive = trio.open_memory_channel[Presence](100)
-        registry = Registry(presence=presence_send)
-        dispatcher = Dispatcher(
-            writer=writer, records=store, fleet=registry,
-            max_running_executions=max_running_executions,
-            limits=ExecutionLimits(GRACE_S, KILL_GRACE_S, MARGIN_S, max_output_bytes=1000),
-        )  # fmt: skip
-        scheduler = Scheduler(dispatcher, store, max_running_tasks=4)
-        commits, acks = writer.feed.subscribe("engine"), writer.feed.subscribe("acks")
-        async with trio.open_nursery() as nursery:
-            await nursery.start(dispatcher.serve, commits, presence_receive)
-            await nursery.start(serve_acks, acks)
-            await nursery.start(scheduler.serve)
-            yield Harness(store, writer, registry, dispatcher, scheduler, nursery)
-            nursery.cancel_scope.cancel()
+    limits = ExecutionLimits(GRACE_S, KILL_GRACE_S, MARGIN_S, max_output_bytes=1000)
+    settings = {k: v for k, v in WRITER_SETTINGS.items() if k != "max_output_bytes"}
+    async with (
+        run_writer(store.flush, ledger, **settings) as writer,
+        acknowledging(writer),
+        open_engine(
+            writer, store, max_running_executions=max_running_executions, limits=limits
+        ) as engine,
+        trio.open_nursery() as agents,
+    ):
+        yield Harness(store, writer, engine.registry, engine.dispatcher, engine.scheduler, agents)
+        agents.cancel_scope.cancel()
 
 
 @pytest.fixture
@@ -191,8 +192,9 @@ async def test_past_max_failures_the_rest_never_start(
     await engine.wait_task(task_id)
     statuses = engine.store.statuses(task_id)
     assert statuses[("bad", 0)] == (ExecStatus.FAILED, Reason.EXIT_NONZERO)
-    assert statuses[("x", 0)] == statuses[("y", 0)] == (
-        ExecStatus.CANCELLED, Reason.ERROR_THRESHOLD)  # fmt: skip
+    assert (
+        statuses[("x", 0)] == statuses[("y", 0)] == (ExecStatus.CANCELLED, Reason.ERROR_THRESHOLD)
+    )
     assert engine.store.tasks[task_id].status == TaskStatus.FAILED
 
 
@@ -203,7 +205,9 @@ async def test_offline_target_waits_exactly_the_delivery_timeout(
     task_id = engine.start(["gone"], "x", delivery_timeout_s=30.0)
     done = await engine.wait_task(task_id)
     assert engine.store.statuses(task_id)[("gone", 0)] == (
-        ExecStatus.DISPATCH_FAILED, Reason.DELIVERY_TIMEOUT)  # fmt: skip
+        ExecStatus.DISPATCH_FAILED,
+        Reason.DELIVERY_TIMEOUT,
+    )
     assert done - t0 == pytest.approx(30.0, abs=0.1)
 
 
@@ -224,7 +228,9 @@ async def test_an_offline_target_without_patience_fails_at_once(
     task_id = engine.start(["gone"], "x")
     await engine.wait_task(task_id)
     assert engine.store.statuses(task_id)[("gone", 0)] == (
-        ExecStatus.DISPATCH_FAILED, Reason.AGENT_OFFLINE)  # fmt: skip
+        ExecStatus.DISPATCH_FAILED,
+        Reason.AGENT_OFFLINE,
+    )
 
 
 async def test_an_agent_gone_past_the_grace_is_lost_after_exactly_the_grace(

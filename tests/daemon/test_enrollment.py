@@ -28,7 +28,9 @@ from daemon.agents.admission import SessionManager
 from daemon.agents.enrollment import Enrollment
 from daemon.agents.grpc_bridge import StreamEnd
 from daemon.agents.registry import HostRevoked, Registry
+from daemon.engine.executions import ExecutionLimits
 from daemon.engine.hosts import HostAdmin
+from daemon.engine.records import DatabaseRecords
 from daemon.engine.tasks import TaskService
 from daemon.errors import Conflict, InvalidRequest, NotFound
 from daemon.ops.audit import AuditLog
@@ -137,10 +139,12 @@ async def open_daemon(
     models.bind(db)
     models.create_schema(db)
     database = Database(db, read_threads=4)
-    async with open_acking_writer(database) as writer, open_engine(
-        writer, database, max_running_executions=10, agent_grace_s=5, kill_grace_s=0.1,
-        report_margin_s=5,
-    ) as engine:  # fmt: skip
+    limits = ExecutionLimits(5, kill_grace_s=0.1, report_margin_s=5, max_output_bytes=1000)
+    async with (
+        open_acking_writer(database) as writer,
+        open_engine(writer, DatabaseRecords(database), max_running_executions=10, limits=limits)
+        as engine,
+    ):
         manager = SessionManager(
             registry=engine.registry, writer=writer, database=database,
             authenticator=Enrollment(database, enrolment_token=token, auto_approve=auto_approve),
@@ -150,7 +154,8 @@ async def open_daemon(
         hosts = HostAdmin(database, fleet=engine.registry, dispatcher=engine.dispatcher)
         async with trio.open_nursery() as inner:
             await inner.start(manager.serve_liveness)
-            yield Daemon(database, engine.registry, manager, hosts, engine.tasks, inner)
+            tasks = engine.task_service(database)
+            yield Daemon(database, engine.registry, manager, hosts, tasks, inner)
             inner.cancel_scope.cancel()
     db.close_all()
 
