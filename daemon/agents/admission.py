@@ -18,7 +18,7 @@ import betterproto2
 import peewee
 import trio
 
-from common.link import Link, MalformedMessage, MessageTooLarge
+from common.link import DaemonLink, MalformedMessage, MessageTooLarge
 from daemon.agents.enrollment import Admitted, Enrollment
 from daemon.agents.grpc_bridge import StreamEnd
 from daemon.agents.identity import Refused
@@ -65,7 +65,7 @@ class SessionManager:
         self._daemon_version = daemon_version
 
     async def handle_stream(
-        self, link: Link, credential: str | None, peer_names: frozenset[str] | None = None
+        self, link: DaemonLink, credential: str | None, peer_names: frozenset[str] | None = None
     ) -> StreamEnd | None:
         """Trio-flavored; serves one agent stream to its end. ``peer_names``: what the verified
         client certificate names (mutual TLS), None without one."""
@@ -95,7 +95,9 @@ class SessionManager:
             return StreamEnd("unavailable", "the daemon cannot reach its database; try again")
         return await self._serve(link, admitted, hello, generation)
 
-    async def _refuse(self, link: Link, hello: pb.Hello | None, refused: Refused) -> StreamEnd:
+    async def _refuse(
+        self, link: DaemonLink, hello: pb.Hello | None, refused: Refused
+    ) -> StreamEnd:
         """Tell the agent why (bounded), log and audit it; the stream then ends with the gRPC
         status of the refusal."""
         host_id = hello.host_id[:253] if hello is not None else ""
@@ -123,7 +125,7 @@ class SessionManager:
         return StreamEnd(refused.status, refused.message)
 
     async def _serve(
-        self, link: Link, admitted: Admitted, hello: pb.Hello, generation: int
+        self, link: DaemonLink, admitted: Admitted, hello: pb.Hello, generation: int
     ) -> StreamEnd | None:
         identity = admitted.identity
         cadence = self._liveness.cadence(self._registry.statistics().connected)

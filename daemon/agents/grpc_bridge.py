@@ -29,7 +29,7 @@ from common.grpc_bridge import (
     aio,
     trio_handler,
 )
-from common.link import Link
+from common.link import DaemonLink
 from common.tls import peer_names
 from proto.dispatch import v1 as pb
 
@@ -53,7 +53,9 @@ _STATUS = {
 }
 
 _DRAIN_S = 2.0
-StreamHandler = Callable[[Link, str | None, frozenset[str] | None], Awaitable[StreamEnd | None]]
+StreamHandler = Callable[
+    [DaemonLink, str | None, frozenset[str] | None], Awaitable[StreamEnd | None]
+]
 
 
 class _AgentService:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import betterproto2
 import trio
 
-from common.link import Link, MalformedMessage, MessageTooLarge
+from common.link import DaemonLink, MalformedMessage, MessageTooLarge
 from daemon.agents.identity import HostIdentity, Refused
 from daemon.agents.liveness import Cadence, differs
 from daemon.agents.throttle import StreamLimits
@@ -33,7 +33,7 @@ _ACKS_PER_MESSAGE = 20_000
 class Session:
     def __init__(
         self,
-        link: Link,
+        link: DaemonLink,
         identity: HostIdentity,
         hello: pb.Hello,
         *,
@@ -104,7 +104,7 @@ class Session:
                 if self._throttle is not None:  # read the next message later, never drop one
                     messages, size = self._throttle
                     await messages.take(1)
-                    await size.take(getattr(self._link, "last_message_bytes", 0))
+                    await size.take(self._link.last_message_bytes)
                 self.heard = True
                 self.last_seen_at = received_at = time.time()
                 self._last_seen_clock = trio.current_time()
@@ -179,8 +179,7 @@ class Session:
         when the fleet's cadence has moved: the heartbeat tells the agent)."""
         # Bytes of a message still arriving count as hearing from the agent; silence is counted
         # from a cadence change at the earliest, as the agent may have beaten at the old one.
-        heard = max(self._last_seen_clock, getattr(self._link, "last_bytes_at", 0.0),
-                    self._cadence_since)  # fmt: skip
+        heard = max(self._last_seen_clock, self._link.last_bytes_at, self._cadence_since)
         if now - heard >= self._cadence.ttl_s:
             self.close(f"silent for {self._cadence.ttl_s:g} s (heartbeat TTL)")
         elif differs(self._cadence, fleet):
