@@ -1,4 +1,5 @@
-"""Fixtures every test directory shares: a real database of each kind.
+"""Fixtures every test directory shares: a real database of each kind; and, at the end of a run,
+which suites this machine could not run and the one command that runs them all.
 
 ``db_url`` runs a test once on a SQLite file and once on a fresh PostgreSQL database (created
 for the test and dropped after it) when ``DISPATCH_TEST_POSTGRES_URL`` names a server and a
@@ -10,8 +11,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import pytest
@@ -60,3 +63,20 @@ def _drop_database(name: str) -> None:
             if attempt == 19:
                 raise
             time.sleep(0.25)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Name what was skipped, by reason (no PostgreSQL server named, no Chromium, no faketime...),
+    so a green run on a bare machine does not read as every suite having run."""
+    reasons: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            reasons[str(report.longrepr[2]).removeprefix("Skipped: ")] += 1
+    if not reasons:
+        return
+    terminalreporter.section("suites skipped on this machine")
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"{count:5d} tests: {reason}")
+    terminalreporter.write_line(
+        "every suite (installs and starts PostgreSQL, Chromium and faketime as root): bash .ci/run"
+    )
