@@ -30,7 +30,10 @@ from agent import cgroups as cg
 from tests.agent.agent_testing import remove_cgroup_tree
 from tests.e2e.cluster import REPO, Cluster, Program, alive, free_port
 
-FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+# The thread-safe build: dispatchd and the agent read the clock from several threads (trio's
+# worker threads for the database and the journal), and the plain build's unlocked re-read of
+# the timestamp file let one of them see the real time now and then.
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
 
 # ------------------------------------------------------------------ figures
 
