@@ -189,7 +189,12 @@ async def test_each_units_exec_start_runs_as_written(tmp_path: Path) -> None:
                     break
                 await trio.sleep(0.1)
             assert host["labels"] == {"role": "web", "dc": "fra1"}  # from the sample TOML
-            assert (tmp_path / "var/lib/dispatch-agent/credential").exists()
+            # The host is online once the daemon recorded the stream; the agent writes its
+            # credential a moment later, when the welcome that carries it arrives (bounded by
+            # the fail_after above: a credential that never appears fails the test).
+            credential = tmp_path / "var/lib/dispatch-agent/credential"
+            while not credential.exists():  # noqa: ASYNC110
+                await trio.sleep(0.05)
 
             agent.send_signal(signal.SIGTERM)
             assert await agent.wait() == 0
